@@ -1,0 +1,312 @@
+"""The library entry point: what the CLI, batch jobs and tests call.
+
+``render(RenderRequest(face, audio, output, RenderConfig(...)))`` runs the stages in
+order (face -> audio -> reference -> denoise -> decode -> mux) and returns a
+:class:`RenderResult` with per-stage timings.  Progress goes to an optional plain
+``on_progress(stage, done, total)`` callback; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .bench.memory import PeakMemory
+from .cache import FeatureCache
+from .config import ProgressFn, RenderConfig
+from .errors import InputNotFoundError
+from .models.bundle import TalkingHeadModel, load_model
+from .models.registry import MODELS, get_model_spec
+from .stages.audio import load_audio, num_video_frames, prepare_audio
+from .stages.decode import render_frames
+from .stages.denoise import denoise
+from .stages.face import FaceAnalysis, analyze_face, load_image
+from .stages.mux import VideoWriter, check_output_path
+from .stages.reference import compute_reference
+
+__all__ = [
+    "RenderRequest",
+    "RenderResult",
+    "render",
+    "load_model",
+    "info",
+    "FeatureCache",
+]
+
+STAGES = ("load", "face", "audio", "reference", "denoise", "decode", "mux")
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    face: Path
+    audio: Path
+    output: Path
+    config: RenderConfig = field(default_factory=RenderConfig)
+
+
+@dataclass
+class RenderResult:
+    output: Path
+    config_path: Path
+    num_frames: int
+    fps: int
+    duration_s: float
+    stage_seconds: dict[str, float]
+    total_seconds: float
+    peak_memory_mb: float
+    reference_cache_hit: bool
+    random_weights: bool
+    frames: list[np.ndarray] | None = None  # only with keep_frames=True (bench)
+    crop_frames: list[np.ndarray] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("frames")
+        d.pop("crop_frames")
+        d["output"] = str(self.output)
+        d["config_path"] = str(self.config_path)
+        return d
+
+
+class StageTimer:
+    """Wall time per stage; synchronises the GPU so asynchronous kernels are counted."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+    def timed(self, stage: str, items: Iterator[Any]) -> Iterator[Any]:
+        """Time only the producing side of an iterator (e.g. decode, while mux consumes)."""
+        it = iter(items)
+        while True:
+            with self(stage):
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+            yield item
+
+
+def _require_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise InputNotFoundError(f"{path}: {what} file does not exist")
+    if not path.is_file():
+        raise InputNotFoundError(f"{path}: {what} is not a file")
+
+
+def _face_feature(model: TalkingHeadModel, face: FaceAnalysis) -> torch.Tensor:
+    mask = torch.from_numpy(face.face_mask)[None, None, None]  # [1, 1, 1, H, W]
+    return model.face_locator(mask.to(model.device, model.dtype))
+
+
+@torch.inference_mode()
+def render(
+    request: RenderRequest,
+    *,
+    model: TalkingHeadModel | None = None,
+    on_progress: ProgressFn | None = None,
+    cache: FeatureCache | None = None,
+    keep_frames: bool = False,
+) -> RenderResult:
+    """Render one talking-head video.  ``model`` may be preloaded (batch jobs)."""
+    cfg = request.config
+    progress = on_progress or (lambda stage, done, total: None)
+    face_path, audio_path, out = Path(request.face), Path(request.audio), Path(request.output)
+    check_output_path(out, cfg.output.overwrite)
+    _require_file(face_path, "face image")
+    _require_file(audio_path, "audio")
+    spec = model.spec if model is not None else get_model_spec(cfg.model)
+    fps = cfg.output.fps or spec.fps
+
+    t_start = time.perf_counter()
+    device = model.device if model is not None else torch.device(cfg.device)
+    timer = StageTimer(device)
+    with PeakMemory(device) as mem:
+        with timer("face"):
+            progress("face", 0, 1)
+            face = analyze_face(load_image(face_path), cfg.face, spec.resolution)
+            progress("face", 1, 1)
+        with timer("audio"):
+            load_audio(audio_path, cfg.audio.sample_rate)  # fail fast, before the model loads
+        if model is None:
+            with timer("load"):
+                model = load_model(spec, cfg.weights, cfg.device, cfg.dtype)
+        with timer("audio"):
+            progress("audio", 0, 1)
+            audio = prepare_audio(audio_path, model.audio_encoder, fps, cfg.audio)
+            progress("audio", 1, 1)
+        with timer("reference"):
+            progress("reference", 0, 1)
+            if cache is None and cfg.use_cache:
+                cache = FeatureCache()
+            ref = compute_reference(model, face, cache if cfg.use_cache else None)
+            face_feature = _face_feature(model, face)
+            progress("reference", 1, 1)
+        with timer("denoise"):
+            latents = denoise(
+                model.denoiser,
+                audio.tokens.to(model.device, model.dtype),
+                face_feature,
+                ref.bank,
+                cfg.denoise,
+                spec=spec,
+                on_progress=progress,
+            )
+
+        n = latents.shape[2]
+        frames = [] if keep_frames else None
+        crops = [] if keep_frames else None
+        with VideoWriter(
+            out,
+            fps=fps,
+            width=0,  # taken from the first frame
+            height=0,
+            audio_path=audio_path,
+            crf=cfg.output.crf,
+            overwrite=cfg.output.overwrite,
+        ) as writer:
+            stream = render_frames(
+                model.codec,
+                latents,
+                face,
+                cfg.face.feather,
+                out_height=cfg.output.size,
+                crops_out=crops,
+            )
+            for i, frame in enumerate(timer.timed("decode", stream)):
+                with timer("mux"):
+                    writer.write(frame)
+                if frames is not None:
+                    frames.append(frame)
+                progress("decode", i + 1, n)
+            with timer("mux"):
+                writer.finish()
+
+    config_path = out.with_name(out.name + ".json")
+    _write_json_atomic(
+        config_path,
+        {
+            "lcp_version": __version__,
+            "face": str(face_path),
+            "audio": str(audio_path),
+            "model": spec.name,
+            "random_weights": model.random_weights,
+            "fps": fps,
+            "num_frames": n,
+            "config": cfg.to_dict(),
+        },
+    )
+    return RenderResult(
+        output=out,
+        config_path=config_path,
+        num_frames=n,
+        fps=fps,
+        duration_s=audio.audio.duration,
+        stage_seconds=timer.seconds,
+        total_seconds=time.perf_counter() - t_start,
+        peak_memory_mb=mem.peak_mb,
+        reference_cache_hit=ref.cache_hit,
+        random_weights=model.random_weights,
+        frames=frames,
+        crop_frames=crops,
+    )
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder + rename: never a half-written file."""
+    path = Path(path)
+    check_output_path(path, overwrite=True)
+    tmp = path.with_name(f".{path.name}.lcp-tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def output_or_temp(path: Path | None, suffix: str = ".mp4") -> Iterator[Path]:
+    """``path`` itself, or a temporary file removed afterwards (profile without -o)."""
+    if path is not None:
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="lcp-") as tmp:
+        yield Path(tmp) / f"out{suffix}"
+
+
+def example_inputs() -> tuple[Path, Path]:
+    """The bundled example portrait and speech clip (used by ``lcp bench``)."""
+    assets = Path(__file__).resolve().parent / "assets"
+    return assets / "face.png", assets / "speech.wav"
+
+
+def expected_frames(duration_s: float, fps: int) -> int:
+    return num_video_frames(duration_s, fps)
+
+
+def info() -> dict[str, Any]:
+    """Versions, devices, models and cache: what ``lcp info`` shows."""
+    import diffusers
+    import mediapipe
+
+    from .models.bundle import bundled_weights_dir
+
+    cache = FeatureCache()
+    entries = cache.entries()
+    return {
+        "lcp": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "mediapipe": mediapipe.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "models": {
+            name: {
+                "description": spec.description,
+                "resolution": spec.resolution,
+                "fps": spec.fps,
+                "steps": spec.steps,
+                "guidance": spec.guidance,
+                "bundled_weights": bundled_weights_dir(spec) is not None,
+            }
+            for name, spec in MODELS.items()
+        },
+        "cache": {
+            "dir": str(cache.root),
+            "entries": len(entries),
+            "bytes": sum(e.size_bytes for e in entries),
+        },
+    }

@@ -1,0 +1,169 @@
+"""``lcp bench``: the baseline and each acceleration method on the same inputs and seed.
+
+Every method renders the same portrait and speech with the same model instance, seed,
+steps and windows, in one process, so the speedups are ratios measured in one run.
+Fidelity is measured against the baseline's frames (whole frame and face crop).
+"""
+
+from __future__ import annotations
+
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..config import ProgressFn, RenderConfig
+from ..models.bundle import load_model
+from .metrics import video_fidelity
+
+BASELINE = "none"
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    face: Path
+    audio: Path
+    methods: tuple[str, ...] = (BASELINE,)
+    config: RenderConfig = field(default_factory=RenderConfig)
+    warmup: bool = True  # one short untimed render first (first-call overheads)
+
+
+@dataclass
+class MethodResult:
+    method: str
+    stage_seconds: dict[str, float]
+    denoise_s: float
+    total_s: float
+    peak_memory_mb: float
+    denoise_speedup: float = 1.0
+    total_speedup: float = 1.0
+    fidelity: dict[str, float] = field(default_factory=dict)  # psnr/ssim, *_face
+
+
+@dataclass
+class BenchReport:
+    command: str
+    machine: dict[str, Any]
+    model: str
+    random_weights: bool
+    steps: int
+    frames: int
+    fps: int
+    results: list[MethodResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run_bench(request: BenchRequest, *, on_progress: ProgressFn | None = None) -> BenchReport:
+    from ..api import RenderRequest, render  # the bench drives the public API
+
+    methods = list(dict.fromkeys((BASELINE, *request.methods)))  # baseline first, once
+    cfg = replace(request.config, use_cache=False)  # every method pays the same reference pass
+    model = load_model(cfg.model, cfg.weights, cfg.device, cfg.dtype)
+    steps = cfg.denoise.steps or model.spec.steps
+    with tempfile.TemporaryDirectory(prefix="lcp-bench-") as tmp:
+        out_dir = Path(tmp)
+        if request.warmup:
+            warm = replace(cfg, denoise=replace(cfg.denoise, steps=1))
+            render(RenderRequest(request.face, request.audio, out_dir / "warmup.mp4", warm),
+                   model=model)
+        results, baseline = [], None
+        for i, method in enumerate(methods):
+            if on_progress:
+                on_progress("bench", i, len(methods))
+            mcfg = replace(cfg, accel=method)
+            t0 = time.perf_counter()
+            res = render(
+                RenderRequest(request.face, request.audio, out_dir / f"{i}.mp4", mcfg),
+                model=model,
+                keep_frames=True,
+            )
+            total = time.perf_counter() - t0
+            mr = MethodResult(
+                method=method,
+                stage_seconds=res.stage_seconds,
+                denoise_s=res.stage_seconds["denoise"],
+                total_s=total,
+                peak_memory_mb=res.peak_memory_mb,
+            )
+            if baseline is None:
+                baseline = (res, mr)
+            else:
+                bres, bmr = baseline
+                mr.denoise_speedup = bmr.denoise_s / mr.denoise_s
+                mr.total_speedup = bmr.total_s / mr.total_s
+                full = video_fidelity(bres.frames, res.frames)
+                face = video_fidelity(bres.crop_frames, res.crop_frames)
+                mr.fidelity = {**full, **{f"{k}_face": v for k, v in face.items()}}
+            results.append(mr)
+        if on_progress:
+            on_progress("bench", len(methods), len(methods))
+    assert baseline is not None
+    return BenchReport(
+        command=" ".join(shlex.quote(a) for a in ["lcp", *sys.argv[1:]]),
+        machine=machine_info(model.device),
+        model=model.spec.name,
+        random_weights=model.random_weights,
+        steps=steps,
+        frames=baseline[0].num_frames,
+        fps=baseline[0].fps,
+        results=results,
+    )
+
+
+def report_markdown(report: BenchReport) -> str:
+    m = report.machine
+    lines = [
+        f"# lcp bench ({__version__})",
+        "",
+        f"- command: `{report.command}`",
+        f"- machine: {m.get('gpu') or m['processor']}, {m['cpu_threads']} threads, "
+        f"{m['platform']}, torch {m['torch']}, device {m['device']}",
+        f"- model: {report.model}{' (RANDOM weights)' if report.random_weights else ''}, "
+        f"{report.steps} steps, {report.frames} frames at {report.fps} fps",
+        "",
+    ]
+    stages = sorted({s for r in report.results for s in r.stage_seconds})
+    header = ["method", *[f"{s} s" for s in stages], "total s", "denoise x", "total x",
+              "PSNR dB", "SSIM", "face PSNR", "face SSIM", "peak MiB"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in report.results:
+        f = r.fidelity
+        cells = [
+            r.method,
+            *[f"{r.stage_seconds.get(s, 0.0):.2f}" for s in stages],
+            f"{r.total_s:.2f}",
+            f"{r.denoise_speedup:.2f}",
+            f"{r.total_speedup:.2f}",
+            *(_fmt(f, k) for k in ("psnr", "ssim", "psnr_face", "ssim_face")),
+            f"{r.peak_memory_mb:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(fidelity: dict[str, float], key: str) -> str:
+    if key not in fidelity:
+        return "—"
+    return f"{fidelity[key]:.4f}" if key.startswith("ssim") else f"{fidelity[key]:.2f}"

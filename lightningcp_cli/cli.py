@@ -1,0 +1,414 @@
+"""The ``lcp`` command: a thin typer shell over :mod:`lightningcp_cli.api`.
+
+Each command builds a request, calls the API and reports the result: a rich table or
+``--json`` on stdout, progress and diagnostics on stderr.  Library errors become one
+line on stderr and a distinct exit code (see ``lcp --help``).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from . import __version__, api
+from .config import (
+    ACCEL_METHODS,
+    DenoiseConfig,
+    OutputConfig,
+    RenderConfig,
+)
+from .errors import LcpError
+
+EXIT_CODES = """\
+Exit codes: 0 ok, 2 usage, 10 input file missing, 11 not an image, 12 no face,
+13 bad audio, 14 output directory missing or unwritable, 15 output exists (use
+--overwrite), 16 invalid option, 20 model weights, 21 device, 22 acceleration,
+30 video encoding, 130 interrupted (no partial output is left)."""
+
+app = typer.Typer(
+    name="lcp",
+    help="Audio-driven talking-head videos with a video diffusion model, made faster.\n\n"
+    "Typical use: lcp render face.png speech.wav -o out.mp4",
+    epilog=EXIT_CODES,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+cache_app = typer.Typer(help="Inspect or clear the static-feature (reference bank) cache.")
+app.add_typer(cache_app, name="cache")
+
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+out = Console(soft_wrap=True, highlight=False)
+
+
+# --- plumbing -------------------------------------------------------------------------
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _reported_errors() -> Iterator[None]:
+    """LcpError -> one stderr line + its exit code; Ctrl-C / SIGTERM -> 130."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    except LcpError as e:
+        err.print(f"lcp: error: {e}", markup=False)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("lcp: interrupted; no partial output was left", markup=False)
+        raise typer.Exit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    err.print(f"lcp: warning: {message}", style="yellow", markup=False)
+
+
+@contextmanager
+def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """One rich Progress on stderr; hands the API a plain (stage, done, total) callback."""
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=quiet or not err.is_terminal,
+        transient=False,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total)
+        progress.update(tasks[stage], completed=done, total=total)
+
+    with progress:
+        yield update
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"lcp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Audio-driven talking-head videos with a video diffusion model, made faster."""
+    warnings.showwarning = _show_warning
+
+
+# --- shared options ------------------------------------------------------------------
+
+Model = Annotated[
+    str, typer.Option("--model", "-m", help="Model name (see `lcp info`).", show_default=True)
+]
+Weights = Annotated[
+    Path | None,
+    typer.Option(help="Folder of weights (official EchoMimic layout). Default: bundled."),
+]
+Steps = Annotated[
+    int | None, typer.Option(min=1, max=1000, help="Sampler steps. Default: the model's.")
+]
+Guidance = Annotated[
+    float | None,
+    typer.Option("--cfg", min=0.0, help="Classifier-free guidance scale (<=1 disables it)."),
+]
+Fps = Annotated[int | None, typer.Option(min=1, max=120, help="Video frame rate.")]
+Seed = Annotated[int, typer.Option(help="Random seed: same seed, same video.")]
+Size = Annotated[
+    int | None,
+    typer.Option(min=16, max=4096, help="Output height in pixels (default: the portrait's)."),
+]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto.")]
+Dtype = Annotated[
+    str | None, typer.Option(help="float32, float16 or bfloat16 (default: fp32 CPU, fp16 GPU).")
+]
+Accel = Annotated[str, typer.Option(help=f"Acceleration: {', '.join(ACCEL_METHODS)}.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+def _render_config(
+    model: str,
+    weights: Path | None,
+    steps: int | None,
+    guidance: float | None,
+    fps: int | None,
+    seed: int,
+    size: int | None,
+    device: str,
+    dtype: str | None,
+    accel: str,
+    overwrite: bool = False,
+    use_cache: bool = True,
+) -> RenderConfig:
+    return RenderConfig(
+        model=model,
+        weights=weights,
+        device=device,
+        dtype=dtype,
+        accel=accel,
+        use_cache=use_cache,
+        denoise=DenoiseConfig(steps=steps, guidance=guidance, seed=seed),
+        output=OutputConfig(fps=fps, size=size, overwrite=overwrite),
+    )
+
+
+# --- commands -------------------------------------------------------------------------
+
+
+@app.command()
+def render(
+    face: Annotated[Path, typer.Argument(help="Portrait image (PNG, JPEG, WebP, ...).")],
+    audio: Annotated[Path, typer.Argument(help="Speech (wav, mp3, flac, m4a, ...).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output MP4 path.")],
+    model: Model = "lcp-tiny",
+    weights: Weights = None,
+    steps: Steps = None,
+    guidance: Guidance = None,
+    fps: Fps = None,
+    seed: Seed = 420,
+    size: Size = None,
+    device: Device = "cpu",
+    dtype: Dtype = None,
+    accel: Accel = "none",
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    cache: Annotated[bool, typer.Option(help="Use the static-feature disk cache.")] = True,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Render FACE speaking AUDIO into an MP4 (H.264 + AAC).
+
+    The resolved settings are saved next to the video as OUTPUT.json.  The output is
+    written to a temporary file and renamed at the end: an error or Ctrl-C never
+    leaves a partial file.
+    """
+    with _reported_errors():
+        cfg = _render_config(
+            model, weights, steps, guidance, fps, seed, size, device, dtype, accel,
+            overwrite, cache,
+        )
+        with _progress(quiet) as on_progress:
+            result = api.render(api.RenderRequest(face, audio, output, cfg), on_progress=on_progress)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    table = Table(title=f"{result.output}  ({result.num_frames} frames, {result.fps} fps)")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for stage, secs in result.stage_seconds.items():
+        table.add_row(stage, f"{secs:.2f}")
+    table.add_row("total", f"{result.total_seconds:.2f}", style="bold")
+    err.print(table)
+    out.print(str(result.output))
+
+
+@app.command()
+def bench(
+    face: Annotated[
+        Path | None, typer.Argument(help="Portrait (default: the bundled example).")
+    ] = None,
+    audio: Annotated[Path | None, typer.Argument(help="Speech (default: bundled example).")] = None,
+    methods: Annotated[
+        list[str] | None,
+        typer.Option("--accel", help="Method(s) to compare with the baseline; repeatable. "
+                     "Default: all."),
+    ] = None,
+    model: Model = "lcp-tiny",
+    weights: Weights = None,
+    steps: Steps = None,
+    guidance: Guidance = None,
+    fps: Fps = None,
+    seed: Seed = 420,
+    device: Device = "cpu",
+    dtype: Dtype = None,
+    report: Annotated[
+        Path | None, typer.Option("--out", help="Also write the report as Markdown here.")
+    ] = None,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Time the baseline and each acceleration method on the same inputs and seed.
+
+    Prints wall time per stage, the speedup over the baseline measured in the same
+    run, PSNR/SSIM of each method's frames against the baseline's (whole frame and
+    face crop) and peak memory.
+    """
+    from .bench.runner import BenchRequest, report_markdown, run_bench
+
+    with _reported_errors():
+        ex_face, ex_audio = api.example_inputs()
+        cfg = _render_config(model, weights, steps, guidance, fps, seed, None, device, dtype,
+                             "none")
+        req = BenchRequest(
+            face or ex_face, audio or ex_audio, tuple(methods or ACCEL_METHODS), cfg
+        )
+        with _progress(quiet) as on_progress:
+            rep = run_bench(req, on_progress=on_progress)
+        md = report_markdown(rep)
+        if report is not None:
+            api.write_text_atomic(report, md)
+    if as_json:
+        _print_json(rep.to_dict())
+        return
+    table = Table(title=f"lcp bench: {rep.model}, {rep.steps} steps, {rep.frames} frames")
+    for col in ("method", "denoise s", "total s", "denoise x", "total x", "PSNR", "SSIM",
+                "face PSNR", "face SSIM", "peak MiB"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in rep.results:
+        f = r.fidelity
+        table.add_row(
+            r.method, f"{r.denoise_s:.2f}", f"{r.total_s:.2f}", f"{r.denoise_speedup:.2f}",
+            f"{r.total_speedup:.2f}",
+            *(f"{f[k]:.4g}" if k in f else "—" for k in ("psnr", "ssim", "psnr_face",
+                                                        "ssim_face")),
+            f"{r.peak_memory_mb:.0f}",
+        )
+    out.print(table)
+    err.print(f"command: {rep.command}\nmachine: {rep.machine}")
+
+
+@app.command()
+def profile(
+    face: Annotated[Path, typer.Argument(help="Portrait image.")],
+    audio: Annotated[Path, typer.Argument(help="Speech.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Keep the rendered MP4 here.")
+    ] = None,
+    trace: Annotated[
+        Path | None, typer.Option(help="Write a Chrome trace (torch.profiler) here.")
+    ] = None,
+    model: Model = "lcp-tiny",
+    weights: Weights = None,
+    steps: Steps = None,
+    seed: Seed = 420,
+    device: Device = "cpu",
+    dtype: Dtype = None,
+    accel: Accel = "none",
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Show where a render's time goes: per stage and per UNet block."""
+    from .bench.profile import run_profile
+
+    with _reported_errors():
+        cfg = _render_config(model, weights, steps, None, None, seed, None, device, dtype,
+                             accel, overwrite=True)
+        with api.output_or_temp(output) as out_path, _progress(quiet) as on_progress:
+            rep = run_profile(
+                api.RenderRequest(face, audio, out_path, cfg), trace=trace,
+                on_progress=on_progress,
+            )
+    if as_json:
+        _print_json(rep.__dict__)
+        return
+    stages = Table(title="time per stage")
+    stages.add_column("stage")
+    stages.add_column("seconds", justify="right")
+    for k, v in rep.stage_seconds.items():
+        stages.add_row(k, f"{v:.3f}")
+    stages.add_row("total", f"{rep.total_seconds:.3f}", style="bold")
+    out.print(stages)
+    blocks = Table(title="time per block (all calls)")
+    for col in ("block", "calls", "seconds", "share"):
+        blocks.add_column(col, justify="left" if col == "block" else "right")
+    total = sum(v for k, v in rep.block_seconds.items() if k.startswith("denoiser.")) or 1.0
+    for k, v in sorted(rep.block_seconds.items(), key=lambda kv: -kv[1]):
+        share = f"{100 * v / total:.1f}%" if k.startswith("denoiser.") else ""
+        blocks.add_row(k, str(rep.block_calls.get(k, 0)), f"{v:.3f}", share)
+    out.print(blocks)
+    if rep.trace:
+        err.print(f"trace: {rep.trace}")
+
+
+@app.command()
+def info(as_json: AsJson = False) -> None:
+    """Versions, devices, models and the cache."""
+    data = api.info()
+    if as_json:
+        _print_json(data)
+        return
+    table = Table(title=f"lcp {data['lcp']}", show_header=False)
+    for key in ("python", "platform", "torch", "diffusers", "mediapipe", "cpu_threads", "cuda"):
+        table.add_row(key, str(data[key]))
+    table.add_row("gpus", ", ".join(data["gpus"]) or "none")
+    table.add_row("cache", f"{data['cache']['dir']} ({data['cache']['entries']} entries, "
+                  f"{data['cache']['bytes'] / 2**20:.1f} MiB)")
+    out.print(table)
+    models = Table(title="models")
+    for col in ("name", "resolution", "fps", "steps", "cfg", "bundled weights", "description"):
+        models.add_column(col)
+    for name, m in data["models"].items():
+        models.add_row(name, str(m["resolution"]), str(m["fps"]), str(m["steps"]),
+                       str(m["guidance"]), "yes" if m["bundled_weights"] else "no",
+                       m["description"])
+    out.print(models)
+
+
+@cache_app.command("ls")
+def cache_ls(as_json: AsJson = False) -> None:
+    """List cached feature banks."""
+    cache = api.FeatureCache()
+    entries = cache.entries()
+    if as_json:
+        _print_json([{**e.__dict__, "path": str(e.path)} for e in entries])
+        return
+    table = Table(title=f"{cache.root} ({len(entries)} entries)")
+    for col in ("kind", "key", "model", "MiB"):
+        table.add_column(col)
+    for e in entries:
+        table.add_row(e.kind, e.key, e.model, f"{e.size_bytes / 2**20:.2f}")
+    out.print(table)
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Delete every cached feature bank."""
+    n = api.FeatureCache().clear()
+    err.print(f"removed {n} cache entries")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""One loaded talking-head model: the networks plus the codec and audio encoder they need.
+
+``load_model("lcp-tiny")`` takes the bundled weights; ``load_model("echomimic-v1",
+weights=DIR)`` an official EchoMimic folder.  Without weights a model is built with
+random weights (seeded) and a :class:`RandomWeightsWarning` is raised: its compute is
+the real one (speed benchmarks are valid), its output is noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, DeviceError, ModelLoadError
+from .audio_encoder import AudioEncoder, MelAudioEncoder
+from .codec import LatentCodec, load_codec
+from .face_locator import FaceLocator
+from .loading import load_model_weights
+from .registry import ModelSpec, get_model_spec
+from .unet import ReferenceNet, VideoUNet
+
+BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class RandomWeightsWarning(UserWarning):
+    """The model runs with random weights: timings are real, the video is noise."""
+
+
+@dataclass
+class TalkingHeadModel:
+    spec: ModelSpec
+    reference_net: ReferenceNet
+    denoiser: VideoUNet
+    face_locator: FaceLocator
+    codec: LatentCodec
+    audio_encoder: AudioEncoder
+    device: torch.device
+    dtype: torch.dtype
+    random_weights: bool
+    weights_id: str  # identifies the weights for cache keys ("random:<seed>" or a digest)
+
+
+def resolve_device(device: str, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """``cpu``/``cuda``/``cuda:N``/``mps``/``auto``; dtype None = fp32 on CPU, fp16 on GPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {device}: not a device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"--device {device}: MPS is not available on this machine")
+    if dtype is None:
+        return dev, torch.float32 if dev.type == "cpu" else torch.float16
+    if dtype not in _DTYPES:
+        raise ConfigError(f"--dtype {dtype}: choose float32, float16 or bfloat16")
+    if dev.type == "cpu" and dtype == "float16":
+        raise DeviceError("--dtype float16 is not supported on CPU (use float32 or bfloat16)")
+    return dev, _DTYPES[dtype]
+
+
+def _weights_digest(folder: Path) -> str:
+    """Cheap identity of a weights folder: names, sizes and mtimes of its files."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def bundled_weights_dir(spec: ModelSpec) -> Path | None:
+    folder = BUNDLED_WEIGHTS / spec.name
+    return folder if (folder / "denoising_unet.safetensors").is_file() else None
+
+
+def _audio_encoder(spec: ModelSpec, folder: Path | None) -> AudioEncoder:
+    if spec.audio_encoder == "mel":
+        return MelAudioEncoder(n_mels=spec.unet.cross_attention_dim)
+    raise ModelLoadError(
+        f"{spec.name}: audio encoder {spec.audio_encoder!r} is not available in this version"
+    )
+
+
+def load_model(
+    model: str | ModelSpec,
+    weights: Path | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    *,
+    seed: int = 0,
+) -> TalkingHeadModel:
+    spec = get_model_spec(model) if isinstance(model, str) else model
+    dev, torch_dtype = resolve_device(device, dtype)
+    if weights is not None:
+        weights = Path(weights)
+        if not weights.exists():
+            raise ModelLoadError(f"{weights}: weights folder does not exist")
+        if not weights.is_dir():
+            raise ModelLoadError(f"{weights}: expected a folder of weight files")
+    folder = weights or bundled_weights_dir(spec)
+    torch.manual_seed(seed)  # random init (no weights) is reproducible
+    nets = load_model_weights(spec, folder, dev, torch_dtype)
+    if nets.random_weights:
+        warnings.warn(
+            f"{spec.name}: no weights found, running with RANDOM weights "
+            "(timings are real, the video is noise); pass --weights DIR",
+            RandomWeightsWarning,
+            stacklevel=2,
+        )
+    codec = load_codec(spec.codec, spec.codec_factor, folder, dev, torch_dtype)
+    return TalkingHeadModel(
+        spec=spec,
+        reference_net=nets.reference_net.eval(),
+        denoiser=nets.denoiser.eval(),
+        face_locator=nets.face_locator.eval(),
+        codec=codec,
+        audio_encoder=_audio_encoder(spec, folder),
+        device=dev,
+        dtype=torch_dtype,
+        random_weights=nets.random_weights,
+        weights_id=f"random:{seed}" if folder is None else _weights_digest(folder),
+    )
