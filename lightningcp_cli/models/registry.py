@@ -1,0 +1,170 @@
+"""Named model specs: architecture, codec, audio front end and sampler defaults.
+
+``echomimic-v1`` is the official EchoMimic v1 at full size (its published weights load
+into it), ``echomimic-v1-acc`` the same network with the distilled 6-step weights, and
+``lcp-tiny`` the same architecture code at a size that trains and runs on a laptop CPU
+(weight-free pixel codec and mel audio tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from .face_locator import FaceLocatorConfig
+from .unet import UNetConfig
+
+AUDIO_ENCODERS = ("mel", "whisper-tiny")
+CODECS = ("pixel", "sd-vae")
+_BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One named model.  Validated on creation (``ValueError``).
+
+    ``resolution`` is the face-crop side in pixels; the latent grid is
+    ``resolution // codec_factor``.  ``bank_dtype`` is the storage dtype of the reference
+    bank (EchoMimic rounds it to float16 even in float32 runs; None = model dtype).
+    ``weight_suffix`` names the denoiser files of a variant folder
+    (``denoising_unet{suffix}.pth``, ``motion_module{suffix}.pth``).
+    """
+
+    name: str
+    description: str
+    unet: UNetConfig
+    face_locator: FaceLocatorConfig
+    audio_encoder: str  # "mel" | "whisper-tiny"
+    codec: str  # "pixel" | "sd-vae"
+    codec_factor: int
+    latent_channels: int
+    resolution: int
+    fps: int
+    steps: int
+    guidance: float
+    context_frames: int = 12
+    context_overlap: int = 3
+    bank_dtype: str | None = None
+    weight_suffix: str = ""
+
+    def __post_init__(self) -> None:
+        u, fl = self.unet, self.face_locator
+        if not self.name:
+            raise ValueError("model spec needs a name")
+        if self.audio_encoder not in AUDIO_ENCODERS:
+            raise ValueError(f"{self.name}: audio_encoder must be one of {AUDIO_ENCODERS}")
+        if self.codec not in CODECS:
+            raise ValueError(f"{self.name}: codec must be one of {CODECS}")
+        if self.codec_factor < 1:
+            raise ValueError(f"{self.name}: codec_factor must be >= 1")
+        if self.codec == "pixel" and self.latent_channels != 3 * self.codec_factor**2:
+            raise ValueError(
+                f"{self.name}: the pixel codec at factor {self.codec_factor} gives "
+                f"{3 * self.codec_factor**2} latent channels, not {self.latent_channels}"
+            )
+        if not (u.in_channels == u.out_channels == self.latent_channels):
+            raise ValueError(
+                f"{self.name}: UNet in/out channels ({u.in_channels}/{u.out_channels}) must "
+                f"equal latent_channels ({self.latent_channels})"
+            )
+        if fl.out_channels != u.block_out_channels[0]:
+            raise ValueError(
+                f"{self.name}: face locator gives {fl.out_channels} channels, the UNet's "
+                f"conv_in {u.block_out_channels[0]}"
+            )
+        if fl.downsample_factor != self.codec_factor:
+            raise ValueError(
+                f"{self.name}: face locator downsamples by {fl.downsample_factor}, "
+                f"the codec by {self.codec_factor}"
+            )
+        if self.audio_encoder == "whisper-tiny" and u.cross_attention_dim != 384:
+            raise ValueError(f"{self.name}: whisper-tiny tokens are 384 wide")
+        step = self.codec_factor * u.downsample_factor
+        if self.resolution <= 0 or self.resolution % step:
+            raise ValueError(f"{self.name}: resolution must be a positive multiple of {step}")
+        if self.fps < 1 or self.steps < 1 or self.guidance < 0:
+            raise ValueError(f"{self.name}: fps and steps must be >= 1, guidance >= 0")
+        if not 1 <= self.context_frames <= u.motion_max_len:
+            raise ValueError(f"{self.name}: context_frames must be in [1, {u.motion_max_len}]")
+        if not 0 <= self.context_overlap < self.context_frames:
+            raise ValueError(f"{self.name}: context_overlap must be in [0, context_frames)")
+        if self.bank_dtype is not None and self.bank_dtype not in _BANK_DTYPES:
+            raise ValueError(f"{self.name}: bank_dtype must be None or one of {list(_BANK_DTYPES)}")
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.codec_factor
+
+    @property
+    def torch_bank_dtype(self) -> torch.dtype | None:
+        return None if self.bank_dtype is None else _BANK_DTYPES[self.bank_dtype]
+
+
+_ECHOMIMIC = dict(
+    unet=UNetConfig(),  # defaults are EchoMimic v1's
+    face_locator=FaceLocatorConfig(),
+    audio_encoder="whisper-tiny",
+    codec="sd-vae",
+    codec_factor=8,
+    latent_channels=4,
+    resolution=512,
+    fps=24,
+    bank_dtype="float16",
+)
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="echomimic-v1",
+            description="EchoMimic v1 (audio-driven), official weights, 512 px, 30 DDIM steps",
+            steps=30,
+            guidance=2.5,
+            **_ECHOMIMIC,
+        ),
+        ModelSpec(
+            name="echomimic-v1-acc",
+            description="EchoMimic v1, distilled 'acc' weights: 6 steps, no CFG",
+            steps=6,
+            guidance=1.0,
+            weight_suffix="_acc",
+            **_ECHOMIMIC,
+        ),
+        ModelSpec(
+            name="lcp-tiny",
+            description="EchoMimic-v1 architecture at laptop size: 128 px, pixel codec, mel audio",
+            unet=UNetConfig(
+                in_channels=48,
+                out_channels=48,
+                block_out_channels=(32, 64, 64, 64),
+                layers_per_block=1,
+                attention_heads=4,
+                norm_num_groups=8,
+                cross_attention_dim=80,
+                motion_heads=4,
+                motion_norm_groups=8,
+            ),
+            face_locator=FaceLocatorConfig(out_channels=32, block_out_channels=(8, 16, 32)),
+            audio_encoder="mel",
+            codec="pixel",
+            codec_factor=4,
+            latent_channels=48,
+            resolution=128,
+            fps=24,
+            steps=25,
+            guidance=2.0,
+            bank_dtype=None,
+        ),
+    )
+}
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}"
+        ) from None
