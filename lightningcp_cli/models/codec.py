@@ -1,0 +1,228 @@
+"""Latent codecs: images in [-1, 1] <-> the latent grid the diffusion model works on.
+
+Two kinds share one small protocol (:class:`LatentCodec`):
+
+- :class:`PixelCodec` is weight-free and exactly invertible: latents are the image's
+  ``factor`` x ``factor`` pixel blocks folded into channels (``pixel_unshuffle``).  The
+  bundled tiny model and the tests use it.
+- :class:`VaeCodec` wraps a diffusers ``AutoencoderKL`` (EchoMimic: sd-vae-ft-mse,
+  latents scaled by 0.18215).
+
+Both take and give float tensors; callers move data to the codec's device and dtype
+with :func:`image_to_tensor` and back with :func:`tensor_to_images`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError, ModelLoadError
+
+if TYPE_CHECKING:  # diffusers is slow to import; only the VAE path needs it
+    from diffusers import AutoencoderKL
+
+#: Latent scale of Stable Diffusion 1.x VAEs (sd-vae-ft-mse), used by EchoMimic v1.
+SD_VAE_SCALING = 0.18215
+
+#: Sub-folders of a weights folder searched for a diffusers VAE, in order.
+VAE_SUBFOLDERS = ("sd-vae-ft-mse", "vae")
+
+
+@runtime_checkable
+class LatentCodec(Protocol):
+    """Maps images ``[N, 3, H, W]`` in [-1, 1] to latents ``[N, C, H/factor, W/factor]``."""
+
+    @property
+    def factor(self) -> int: ...
+
+    @property
+    def channels(self) -> int: ...
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+def _check_images(images: torch.Tensor, factor: int) -> None:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images [N, 3, H, W], got {tuple(images.shape)}")
+    h, w = images.shape[-2:]
+    if h % factor or w % factor:
+        raise ValueError(f"image size {w}x{h} is not a multiple of the codec factor {factor}")
+
+
+def _check_latents(latents: torch.Tensor, channels: int) -> None:
+    if latents.ndim != 4 or latents.shape[1] != channels:
+        raise ValueError(f"expected latents [N, {channels}, h, w], got {tuple(latents.shape)}")
+
+
+@dataclass(frozen=True)
+class PixelCodec:
+    """Weight-free, exactly invertible codec: ``pixel_unshuffle(image) * scale``.
+
+    ``channels`` is ``3 * factor**2`` (48 for the default factor 4).  Output of
+    :meth:`decode` is not clamped, so ``decode(encode(x)) == x`` up to float rounding.
+    """
+
+    factor: int = 4
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.factor < 1:
+            raise ValueError(f"pixel codec factor must be >= 1, not {self.factor}")
+        if self.scale <= 0:
+            raise ValueError(f"pixel codec scale must be > 0, not {self.scale}")
+
+    @property
+    def channels(self) -> int:
+        return 3 * self.factor * self.factor
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        _check_images(images, self.factor)
+        return F.pixel_unshuffle(images, self.factor) * self.scale
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        _check_latents(latents, self.channels)
+        return F.pixel_shuffle(latents / self.scale, self.factor)
+
+
+class VaeCodec:
+    """A diffusers ``AutoencoderKL``: encode takes the posterior mean (no sampling, so it is
+    deterministic) times ``scaling_factor``; decode divides by it first.
+
+    Inputs are moved to the VAE's device and dtype; outputs stay there.
+    """
+
+    def __init__(self, vae: AutoencoderKL, scaling_factor: float = SD_VAE_SCALING) -> None:
+        self.vae = vae.eval()
+        self.scaling_factor = float(scaling_factor)
+        self._factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._channels = int(vae.config.latent_channels)
+
+    @property
+    def factor(self) -> int:
+        return self._factor
+
+    @property
+    def channels(self) -> int:
+        return self._channels
+
+    def _param(self) -> torch.Tensor:
+        return next(self.vae.parameters())
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        _check_images(images, self.factor)
+        p = self._param()
+        dist = self.vae.encode(images.to(device=p.device, dtype=p.dtype)).latent_dist
+        return dist.mean * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        _check_latents(latents, self.channels)
+        p = self._param()
+        z = latents.to(device=p.device, dtype=p.dtype) / self.scaling_factor
+        return self.vae.decode(z).sample
+
+
+def image_to_tensor(
+    image: np.ndarray,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """HxWx3 uint8 (or NxHxWx3) -> ``[N, 3, H, W]`` float in [-1, 1]."""
+    arr = np.array(image)  # a copy: analysis arrays are read-only, torch wants writable
+    if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or arr.shape[-1] != 3:
+        raise ValueError(f"expected uint8 HxWx3 image(s), got {arr.dtype} {arr.shape}")
+    t = torch.from_numpy(arr)
+    if t.ndim == 3:
+        t = t[None]
+    t = t.permute(0, 3, 1, 2).to(device=device, dtype=torch.float32) / 127.5 - 1.0
+    return t.to(dtype)
+
+
+def tensor_to_images(images: torch.Tensor) -> np.ndarray:
+    """``[N, 3, H, W]`` in [-1, 1] -> NxHxWx3 uint8 (clamped, rounded)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images [N, 3, H, W], got {tuple(images.shape)}")
+    x = ((images.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _find_vae_folder(folder: Path) -> Path | None:
+    if (folder / "config.json").is_file():
+        return folder
+    for sub in VAE_SUBFOLDERS:
+        if (folder / sub / "config.json").is_file():
+            return folder / sub
+    return None
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise ConfigError(f"unknown dtype {dtype!r}")
+    return value
+
+
+def load_codec(
+    kind: str,
+    factor: int | None = None,
+    folder: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    *,
+    scaling_factor: float = SD_VAE_SCALING,
+) -> LatentCodec:
+    """Build the codec named ``kind``: ``"pixel"`` or ``"sd-vae"``.
+
+    ``pixel``: a :class:`PixelCodec` with ``factor`` (default 4); ``folder``, ``device``
+    and ``dtype`` are not needed (it has no weights).
+
+    ``sd-vae``: a diffusers ``AutoencoderKL`` read from local files only: ``folder`` itself
+    when it holds ``config.json``, else its ``sd-vae-ft-mse/`` or ``vae/`` sub-folder.
+    Raises :class:`ModelLoadError` when no such folder exists or it cannot be loaded, or
+    when ``factor`` is given and differs from the VAE's.
+    """
+    if kind == "pixel":
+        return PixelCodec(factor=4 if factor is None else int(factor))
+    if kind != "sd-vae":
+        raise ConfigError(f"unknown codec {kind!r} (expected 'pixel' or 'sd-vae')")
+    if folder is None:
+        raise ModelLoadError("sd-vae codec: no weights folder given (it needs a VAE folder)")
+    folder = Path(folder)
+    vae_dir = _find_vae_folder(folder) if folder.is_dir() else None
+    if vae_dir is None:
+        names = ", ".join(f"{s}/" for s in VAE_SUBFOLDERS)
+        raise ModelLoadError(f"{folder}: no VAE found (expected config.json in it or in {names})")
+    torch_dtype = _as_dtype(dtype)
+    try:
+        from diffusers import AutoencoderKL
+        from diffusers.utils import is_accelerate_available
+
+        vae: Any = AutoencoderKL.from_pretrained(
+            vae_dir,
+            local_files_only=True,
+            torch_dtype=torch_dtype,
+            low_cpu_mem_usage=is_accelerate_available(),  # quiet when accelerate is absent
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{vae_dir}: cannot load the VAE ({first})") from exc
+    vae = vae.to(device=device)
+    codec = VaeCodec(vae, scaling_factor=scaling_factor)
+    if factor is not None and int(factor) != codec.factor:
+        raise ModelLoadError(
+            f"{vae_dir}: VAE downsampling factor is {codec.factor}, the model expects {factor}"
+        )
+    return codec

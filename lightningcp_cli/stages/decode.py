@@ -1,0 +1,168 @@
+"""Decode stage: latents -> crop frames (one at a time) -> full portrait frames.
+
+Memory stays bounded for long videos: latents are decoded ``batch`` frames at a time and
+each frame is pasted back and handed on before the next is decoded.  Paste-back resizes
+the generated square crop to the crop box and blends it into the portrait with a mask
+that ramps smoothly to 0 at the crop border, so no seam shows; parts of the crop box
+outside the portrait (see :mod:`.face`) are dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import lru_cache
+
+import cv2
+import numpy as np
+import torch
+
+from ..models.codec import LatentCodec, tensor_to_images
+from .face import FaceAnalysis
+
+
+def _smoothstep(x: np.ndarray) -> np.ndarray:
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * (3.0 - 2.0 * x)
+
+
+def _ramp(n: int, width: float) -> np.ndarray:
+    """1-D profile: distance of each pixel centre to the nearer end, ramped over ``width``."""
+    c = np.arange(n, dtype=np.float64) + 0.5
+    dist = np.minimum(c, n - c)
+    if width <= 0:
+        return np.ones(n)
+    return _smoothstep(dist / width)
+
+
+def feather_mask(size: int | tuple[int, int], feather_fraction: float) -> np.ndarray:
+    """``(h, w)`` float32 blend weights: 1 inside, a smooth (smoothstep) ramp to ~0 over the
+    outer ``feather_fraction * min(h, w)`` pixels.  ``0`` gives all ones (hard edge).
+
+    The mask is separable (``row_profile * col_profile``), symmetric and never exactly 0,
+    so the outermost pixels still carry a trace of the generated crop.
+    """
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if h < 1 or w < 1:
+        raise ValueError(f"feather mask size must be >= 1, got {h}x{w}")
+    if not 0.0 <= feather_fraction < 0.5:
+        raise ValueError(f"feather fraction must be in [0, 0.5), not {feather_fraction}")
+    width = feather_fraction * min(h, w)
+    return np.outer(_ramp(h, width), _ramp(w, width)).astype(np.float32)
+
+
+@lru_cache(maxsize=8)
+def _cached_feather(side: int, feather: float) -> np.ndarray:
+    m = feather_mask(side, feather)[:, :, None]
+    m.setflags(write=False)
+    return m
+
+
+def paste_back(crop_frame: np.ndarray, analysis: FaceAnalysis, feather: float = 0.08) -> np.ndarray:
+    """Blend a generated ``res x res x 3`` uint8 crop into a copy of the full portrait.
+
+    The crop is resized to the crop box (area filter when shrinking, cubic when enlarging)
+    and mixed in with :func:`feather_mask`; pixels outside the crop box are the portrait's
+    own, exactly.  Returns a new HxWx3 uint8 frame.
+    """
+    res = analysis.resolution
+    if crop_frame.dtype != np.uint8 or crop_frame.shape != (res, res, 3):
+        raise ValueError(
+            f"expected a {res}x{res}x3 uint8 crop frame, got {crop_frame.dtype} {crop_frame.shape}"
+        )
+    image = analysis.image
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = analysis.crop_box
+    side = x1 - x0
+    if side == res:
+        big = crop_frame
+    else:
+        interp = cv2.INTER_AREA if side < res else cv2.INTER_CUBIC
+        big = cv2.resize(crop_frame, (side, side), interpolation=interp)
+    # The part of the crop box inside the image, in image and in crop-box coordinates.
+    ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    out = image.copy()
+    if ix0 >= ix1 or iy0 >= iy1:
+        return out
+    sl_img = (slice(iy0, iy1), slice(ix0, ix1))
+    sl_box = (slice(iy0 - y0, iy1 - y0), slice(ix0 - x0, ix1 - x0))
+    m = _cached_feather(side, float(feather))[sl_box]
+    src = image[sl_img].astype(np.float32)
+    gen = big[sl_box].astype(np.float32)
+    blended = src + (gen - src) * m
+    out[sl_img] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def _even_size(height: int, width: int, out_height: int | None) -> tuple[int, int]:
+    if out_height is None:
+        return max(2, height - height % 2), max(2, width - width % 2)
+    oh = max(2, int(out_height) - int(out_height) % 2)
+    ow = max(2, int(round(width * oh / height / 2.0)) * 2)
+    return oh, ow
+
+
+def resize_output(frame: np.ndarray, height: int | None) -> np.ndarray:
+    """Frame with even width and height (H.264 yuv420p needs both).
+
+    ``height`` given: scale to that height (made even, rounded down), width keeping the
+    aspect ratio rounded to the nearest even number.  ``None``: keep the size, dropping
+    the last row/column when odd (no resampling).
+    """
+    if frame.ndim != 3:
+        raise ValueError(f"expected an HxWxC frame, got shape {frame.shape}")
+    if height is not None and height < 2:
+        raise ValueError(f"output height must be >= 2, not {height}")
+    h, w = frame.shape[:2]
+    oh, ow = _even_size(h, w, height)
+    if height is None or (oh, ow) == (h, w):
+        return np.ascontiguousarray(frame[:oh, :ow])
+    interp = cv2.INTER_AREA if oh < h else cv2.INTER_CUBIC
+    return cv2.resize(frame, (ow, oh), interpolation=interp)
+
+
+def decode_frames(
+    codec: LatentCodec, latents: torch.Tensor, batch: int = 1
+) -> Iterator[np.ndarray]:
+    """Yield the decoded crop frames (HxWx3 uint8) of ``latents [1, C, F, h, w]`` in order.
+
+    Lazy: ``batch`` frames are decoded per codec call, only when the consumer asks for
+    them, so peak memory is one batch of frames whatever the video length.
+    """
+    if latents.ndim != 5 or latents.shape[0] != 1:
+        raise ValueError(f"expected latents [1, C, F, h, w], got {tuple(latents.shape)}")
+    if batch < 1:
+        raise ValueError(f"decode batch must be >= 1, not {batch}")
+    return _decode_iter(codec, latents, batch)  # checks above run now, decoding later
+
+
+def _decode_iter(codec: LatentCodec, latents: torch.Tensor, batch: int) -> Iterator[np.ndarray]:
+    num_frames = latents.shape[2]
+    for start in range(0, num_frames, batch):
+        chunk = latents[0, :, start : start + batch].permute(1, 0, 2, 3)
+        with torch.inference_mode():
+            images = codec.decode(chunk)
+        yield from tensor_to_images(images)
+
+
+def render_frames(
+    codec: LatentCodec,
+    latents: torch.Tensor,
+    analysis: FaceAnalysis,
+    feather: float = 0.08,
+    out_height: int | None = None,
+    *,
+    batch: int = 1,
+) -> Iterator[np.ndarray]:
+    """Full-size output frames ready for the video writer: decode, paste back, resize.
+
+    Frames have even width and height (see :func:`resize_output`).  Raises
+    ``ValueError`` when the decoded frames do not match the analysis' crop resolution.
+    """
+    res = analysis.resolution
+    frames = decode_frames(codec, latents, batch=batch)
+    h, w = latents.shape[-2] * codec.factor, latents.shape[-1] * codec.factor
+    if (h, w) != (res, res):
+        raise ValueError(f"latents decode to {w}x{h} frames, the face crop is {res}x{res}")
+    if out_height is not None and out_height < 2:
+        raise ValueError(f"output height must be >= 2, not {out_height}")
+    return (resize_output(paste_back(crop, analysis, feather), out_height) for crop in frames)
