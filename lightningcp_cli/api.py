@@ -14,8 +14,8 @@ import platform
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,12 @@ import torch
 from . import __version__
 from .bench.memory import PeakMemory
 from .cache import FeatureCache
-from .config import ProgressFn, RenderConfig
+from .config import DenoiseConfig, ProgressFn, RenderConfig
 from .errors import InputNotFoundError
 from .models.bundle import TalkingHeadModel, load_model
-from .models.registry import MODELS, get_model_spec
+from .models.registry import MODELS, ModelSpec, get_model_spec
 from .stages.audio import load_audio, num_video_frames, prepare_audio
-from .stages.decode import render_frames
+from .stages.decode import decode_frames, paste_back, resize_output
 from .stages.denoise import denoise
 from .stages.face import FaceAnalysis, analyze_face, load_image
 from .stages.mux import VideoWriter, check_output_path
@@ -113,6 +113,17 @@ class StageTimer:
             yield item
 
 
+def resolve_denoise(cfg: RenderConfig, spec: ModelSpec) -> DenoiseConfig:
+    """The sampler settings with the model's defaults filled in."""
+    d = cfg.denoise
+    return replace(
+        d,
+        steps=d.steps if d.steps is not None else spec.steps,
+        guidance=d.guidance if d.guidance is not None else spec.guidance,
+        bank_dtype=d.bank_dtype if d.bank_dtype is not None else spec.bank_dtype,
+    )
+
+
 def _require_file(path: Path, what: str) -> None:
     if not path.exists():
         raise InputNotFoundError(f"{path}: {what} file does not exist")
@@ -121,7 +132,7 @@ def _require_file(path: Path, what: str) -> None:
 
 
 def _face_feature(model: TalkingHeadModel, face: FaceAnalysis) -> torch.Tensor:
-    mask = torch.from_numpy(face.face_mask)[None, None, None]  # [1, 1, 1, H, W]
+    mask = torch.from_numpy(np.array(face.face_mask))[None, None, None]  # [1, 1, 1, H, W]
     return model.face_locator(mask.to(model.device, model.dtype))
 
 
@@ -143,6 +154,7 @@ def render(
     _require_file(audio_path, "audio")
     spec = model.spec if model is not None else get_model_spec(cfg.model)
     fps = cfg.output.fps or spec.fps
+    out_height = cfg.output.size
 
     t_start = time.perf_counter()
     device = model.device if model is not None else torch.device(cfg.device)
@@ -150,7 +162,9 @@ def render(
     with PeakMemory(device) as mem:
         with timer("face"):
             progress("face", 0, 1)
-            face = analyze_face(load_image(face_path), cfg.face, spec.resolution)
+            face = analyze_face(
+                load_image(face_path), cfg.face, spec.resolution, source=str(face_path)
+            )
             progress("face", 1, 1)
         with timer("audio"):
             load_audio(audio_path, cfg.audio.sample_rate)  # fail fast, before the model loads
@@ -174,39 +188,41 @@ def render(
                 audio.tokens.to(model.device, model.dtype),
                 face_feature,
                 ref.bank,
-                cfg.denoise,
-                spec=spec,
+                resolve_denoise(cfg, spec),
+                latent_shape=tuple(ref.latents.shape[1:]),
                 on_progress=progress,
+                dtype=model.dtype,
+                device=model.device,
             )
 
         n = latents.shape[2]
-        frames = [] if keep_frames else None
-        crops = [] if keep_frames else None
-        with VideoWriter(
-            out,
-            fps=fps,
-            width=0,  # taken from the first frame
-            height=0,
-            audio_path=audio_path,
-            crf=cfg.output.crf,
-            overwrite=cfg.output.overwrite,
-        ) as writer:
-            stream = render_frames(
-                model.codec,
-                latents,
-                face,
-                cfg.face.feather,
-                out_height=cfg.output.size,
-                crops_out=crops,
-            )
-            for i, frame in enumerate(timer.timed("decode", stream)):
+        frames: list[np.ndarray] | None = [] if keep_frames else None
+        crops: list[np.ndarray] | None = [] if keep_frames else None
+        with ExitStack() as stack:
+            writer: VideoWriter | None = None
+            for i, crop in enumerate(timer.timed("decode", decode_frames(model.codec, latents))):
+                with timer("decode"):
+                    frame = resize_output(paste_back(crop, face, cfg.face.feather), out_height)
                 with timer("mux"):
+                    if writer is None:  # the frame size is known once the first frame is
+                        writer = stack.enter_context(
+                            VideoWriter(
+                                out,
+                                fps=fps,
+                                width=frame.shape[1],
+                                height=frame.shape[0],
+                                audio_path=audio_path,
+                                crf=cfg.output.crf,
+                                overwrite=cfg.output.overwrite,
+                            )
+                        )
                     writer.write(frame)
-                if frames is not None:
+                if frames is not None and crops is not None:
                     frames.append(frame)
+                    crops.append(crop)
                 progress("decode", i + 1, n)
             with timer("mux"):
-                writer.finish()
+                stack.close()  # finishes the video: ffmpeg flush + atomic rename
 
     config_path = out.with_name(out.name + ".json")
     _write_json_atomic(

@@ -223,11 +223,23 @@ def render(
     """
     with _reported_errors():
         cfg = _render_config(
-            model, weights, steps, guidance, fps, seed, size, device, dtype, accel,
-            overwrite, cache,
+            model,
+            weights,
+            steps,
+            guidance,
+            fps,
+            seed,
+            size,
+            device,
+            dtype,
+            accel,
+            overwrite,
+            cache,
         )
         with _progress(quiet) as on_progress:
-            result = api.render(api.RenderRequest(face, audio, output, cfg), on_progress=on_progress)
+            result = api.render(
+                api.RenderRequest(face, audio, output, cfg), on_progress=on_progress
+            )
     if as_json:
         _print_json(result.to_dict())
         return
@@ -249,8 +261,9 @@ def bench(
     audio: Annotated[Path | None, typer.Argument(help="Speech (default: bundled example).")] = None,
     methods: Annotated[
         list[str] | None,
-        typer.Option("--accel", help="Method(s) to compare with the baseline; repeatable. "
-                     "Default: all."),
+        typer.Option(
+            "--accel", help="Method(s) to compare with the baseline; repeatable. Default: all."
+        ),
     ] = None,
     model: Model = "lcp-tiny",
     weights: Weights = None,
@@ -276,11 +289,10 @@ def bench(
 
     with _reported_errors():
         ex_face, ex_audio = api.example_inputs()
-        cfg = _render_config(model, weights, steps, guidance, fps, seed, None, device, dtype,
-                             "none")
-        req = BenchRequest(
-            face or ex_face, audio or ex_audio, tuple(methods or ACCEL_METHODS), cfg
+        cfg = _render_config(
+            model, weights, steps, guidance, fps, seed, None, device, dtype, "none"
         )
+        req = BenchRequest(face or ex_face, audio or ex_audio, tuple(methods or ACCEL_METHODS), cfg)
         with _progress(quiet) as on_progress:
             rep = run_bench(req, on_progress=on_progress)
         md = report_markdown(rep)
@@ -290,16 +302,28 @@ def bench(
         _print_json(rep.to_dict())
         return
     table = Table(title=f"lcp bench: {rep.model}, {rep.steps} steps, {rep.frames} frames")
-    for col in ("method", "denoise s", "total s", "denoise x", "total x", "PSNR", "SSIM",
-                "face PSNR", "face SSIM", "peak MiB"):
+    for col in (
+        "method",
+        "denoise s",
+        "total s",
+        "denoise x",
+        "total x",
+        "PSNR",
+        "SSIM",
+        "face PSNR",
+        "face SSIM",
+        "peak MiB",
+    ):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in rep.results:
         f = r.fidelity
         table.add_row(
-            r.method, f"{r.denoise_s:.2f}", f"{r.total_s:.2f}", f"{r.denoise_speedup:.2f}",
+            r.method,
+            f"{r.denoise_s:.2f}",
+            f"{r.total_s:.2f}",
+            f"{r.denoise_speedup:.2f}",
             f"{r.total_speedup:.2f}",
-            *(f"{f[k]:.4g}" if k in f else "—" for k in ("psnr", "ssim", "psnr_face",
-                                                        "ssim_face")),
+            *(f"{f[k]:.4g}" if k in f else "—" for k in ("psnr", "ssim", "psnr_face", "ssim_face")),
             f"{r.peak_memory_mb:.0f}",
         )
     out.print(table)
@@ -319,6 +343,8 @@ def profile(
     model: Model = "lcp-tiny",
     weights: Weights = None,
     steps: Steps = None,
+    guidance: Guidance = None,
+    fps: Fps = None,
     seed: Seed = 420,
     device: Device = "cpu",
     dtype: Dtype = None,
@@ -330,11 +356,13 @@ def profile(
     from .bench.profile import run_profile
 
     with _reported_errors():
-        cfg = _render_config(model, weights, steps, None, None, seed, None, device, dtype,
-                             accel, overwrite=True)
+        cfg = _render_config(
+            model, weights, steps, guidance, fps, seed, None, device, dtype, accel, overwrite=True
+        )
         with api.output_or_temp(output) as out_path, _progress(quiet) as on_progress:
             rep = run_profile(
-                api.RenderRequest(face, audio, out_path, cfg), trace=trace,
+                api.RenderRequest(face, audio, out_path, cfg),
+                trace=trace,
                 on_progress=on_progress,
             )
     if as_json:
@@ -370,16 +398,25 @@ def info(as_json: AsJson = False) -> None:
     for key in ("python", "platform", "torch", "diffusers", "mediapipe", "cpu_threads", "cuda"):
         table.add_row(key, str(data[key]))
     table.add_row("gpus", ", ".join(data["gpus"]) or "none")
-    table.add_row("cache", f"{data['cache']['dir']} ({data['cache']['entries']} entries, "
-                  f"{data['cache']['bytes'] / 2**20:.1f} MiB)")
+    table.add_row(
+        "cache",
+        f"{data['cache']['dir']} ({data['cache']['entries']} entries, "
+        f"{data['cache']['bytes'] / 2**20:.1f} MiB)",
+    )
     out.print(table)
     models = Table(title="models")
     for col in ("name", "resolution", "fps", "steps", "cfg", "bundled weights", "description"):
         models.add_column(col)
     for name, m in data["models"].items():
-        models.add_row(name, str(m["resolution"]), str(m["fps"]), str(m["steps"]),
-                       str(m["guidance"]), "yes" if m["bundled_weights"] else "no",
-                       m["description"])
+        models.add_row(
+            name,
+            str(m["resolution"]),
+            str(m["fps"]),
+            str(m["steps"]),
+            str(m["guidance"]),
+            "yes" if m["bundled_weights"] else "no",
+            m["description"],
+        )
     out.print(models)
 
 

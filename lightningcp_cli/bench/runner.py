@@ -86,8 +86,10 @@ def run_bench(request: BenchRequest, *, on_progress: ProgressFn | None = None) -
         out_dir = Path(tmp)
         if request.warmup:
             warm = replace(cfg, denoise=replace(cfg.denoise, steps=1))
-            render(RenderRequest(request.face, request.audio, out_dir / "warmup.mp4", warm),
-                   model=model)
+            render(
+                RenderRequest(request.face, request.audio, out_dir / "warmup.mp4", warm),
+                model=model,
+            )
         results, baseline = [], None
         for i, method in enumerate(methods):
             if on_progress:
@@ -145,8 +147,18 @@ def report_markdown(report: BenchReport) -> str:
         "",
     ]
     stages = sorted({s for r in report.results for s in r.stage_seconds})
-    header = ["method", *[f"{s} s" for s in stages], "total s", "denoise x", "total x",
-              "PSNR dB", "SSIM", "face PSNR", "face SSIM", "peak MiB"]
+    header = [
+        "method",
+        *[f"{s} s" for s in stages],
+        "total s",
+        "denoise x",
+        "total x",
+        "PSNR dB",
+        "SSIM",
+        "face PSNR",
+        "face SSIM",
+        "peak MiB",
+    ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in report.results:
         f = r.fidelity

@@ -14,6 +14,7 @@ import torch
 
 from ..cache import FeatureCache, cache_key
 from ..models.bundle import TalkingHeadModel
+from ..models.codec import image_to_tensor
 from .face import FaceAnalysis
 
 CACHE_KIND = "refbank"
@@ -24,12 +25,6 @@ class Reference:
     bank: dict[str, torch.Tensor]  # transformer-block path -> [1, tokens, channels]
     latents: torch.Tensor  # [1, C, h, w], the encoded face crop
     cache_hit: bool
-
-
-def crop_to_tensor(crop: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """HxWx3 uint8 -> [1, 3, H, W] in [-1, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None]
-    return (t.to(device=device, dtype=torch.float32) / 127.5 - 1.0).to(dtype)
 
 
 def reference_cache_key(model: TalkingHeadModel, face: FaceAnalysis) -> str:
@@ -52,7 +47,7 @@ def compute_reference(
         latents = hit.pop("__latents__")
         bank = {k: v.to(model.device, model.dtype) for k, v in hit.items()}
         return Reference(bank, latents.to(model.device, model.dtype), cache_hit=True)
-    image = crop_to_tensor(face.crop, model.device, model.dtype)
+    image = image_to_tensor(face.crop, model.device, model.dtype)
     latents = model.codec.encode(image)
     bank = model.reference_net(latents)
     if cache is not None:

@@ -1,0 +1,137 @@
+"""The ``lcp`` command end to end, in a subprocess, on real inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from lightningcp_cli.media import count_frames, probe
+
+from .cli_util import FACE, FAST, SPEECH, run_lcp
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("render")
+    out = tmp / "out.mp4"
+    proc = run_lcp("render", FACE, SPEECH, "-o", out, *FAST, "--json", cache_dir=tmp / "cache")
+    return proc, out, tmp
+
+
+def test_render_writes_a_playable_mp4(rendered):
+    proc, out, _ = rendered
+    assert proc.returncode == 0, proc.stderr
+    info = probe(out)
+    kinds = {s.kind: s for s in info.streams}
+    assert kinds["video"].codec == "h264" and kinds["video"].pix_fmt == "yuv420p"
+    assert kinds["audio"].codec == "aac"
+    audio_s = probe(SPEECH).duration
+    assert count_frames(out) == math.ceil(audio_s * 6 - 1e-6)
+    assert abs(info.duration - audio_s) < 0.25  # the whole speech, video covers it
+    assert not list(out.parent.glob("*.lcp-tmp*"))
+
+
+def test_render_json_and_sidecar(rendered):
+    proc, out, _ = rendered
+    result = json.loads(proc.stdout)
+    assert result["output"] == str(out)
+    assert result["num_frames"] == count_frames(out)
+    assert {"face", "audio", "reference", "denoise", "decode", "mux"} <= set(
+        result["stage_seconds"]
+    )
+    sidecar = json.loads(out.with_name("out.mp4.json").read_text())
+    assert sidecar["config"]["denoise"]["steps"] == 2
+    assert sidecar["fps"] == 6
+
+
+def test_second_render_hits_the_reference_cache(rendered):
+    _, _, tmp = rendered
+    out = tmp / "again.mp4"
+    proc = run_lcp("render", FACE, SPEECH, "-o", out, *FAST, "--json", cache_dir=tmp / "cache")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["reference_cache_hit"] is True
+    ls = run_lcp("cache", "ls", "--json", cache_dir=tmp / "cache")
+    assert len(json.loads(ls.stdout)) == 1
+    clear = run_lcp("cache", "clear", cache_dir=tmp / "cache")
+    assert clear.returncode == 0 and "removed 1" in clear.stderr
+    assert json.loads(run_lcp("cache", "ls", "--json", cache_dir=tmp / "cache").stdout) == []
+
+
+def test_help_reads_like_a_manual(tmp_path):
+    top = run_lcp("--help", cache_dir=tmp_path)
+    assert top.returncode == 0
+    for command in ("render", "bench", "profile", "info", "cache"):
+        assert command in top.stdout
+    assert "Exit codes" in top.stdout
+    render_help = run_lcp("render", "--help", cache_dir=tmp_path).stdout
+    for option in (
+        "--output",
+        "--model",
+        "--weights",
+        "--steps",
+        "--cfg",
+        "--fps",
+        "--seed",
+        "--size",
+        "--device",
+        "--dtype",
+        "--accel",
+        "--overwrite",
+        "--json",
+    ):
+        assert option in render_help
+
+
+def test_info_json(tmp_path):
+    proc = run_lcp("info", "--json", cache_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert {"lcp-tiny", "echomimic-v1", "echomimic-v1-acc"} <= set(data["models"])
+    assert data["cache"]["dir"] == str(tmp_path)
+
+
+def test_bench_json_and_report(tmp_path):
+    report = tmp_path / "report.md"
+    proc = run_lcp(
+        "bench",
+        FACE,
+        SPEECH,
+        "--steps",
+        "1",
+        "--fps",
+        "4",
+        "--quiet",
+        "--json",
+        "--out",
+        report,
+        cache_dir=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["results"][0]["method"] == "none"
+    assert data["results"][0]["denoise_s"] > 0
+    assert data["steps"] == 1 and data["command"].startswith("lcp bench")
+    assert "| none |" in report.read_text()
+
+
+def test_profile_with_trace(tmp_path):
+    trace = tmp_path / "trace.json"
+    proc = run_lcp(
+        "profile",
+        FACE,
+        SPEECH,
+        "--steps",
+        "1",
+        "--quiet",
+        "--json",
+        "--trace",
+        trace,
+        cache_dir=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["block_seconds"]["denoiser.mid_block"] > 0
+    assert any(k.startswith("denoiser.up_blocks.") for k in data["block_seconds"])
+    assert "traceEvents" in json.loads(trace.read_text())
