@@ -8,6 +8,7 @@ line on stderr and a distinct exit code (see ``lcp --help``).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import warnings
@@ -30,7 +31,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import __version__, api
+from . import __version__
 from .config import (
     ACCEL_METHODS,
     DenoiseConfig,
@@ -80,6 +81,16 @@ def _reported_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         err.print("lcp: interrupted; no partial output was left", markup=False)
         raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as e:  # a bug, not bad input: one line, the traceback on request
+        if os.environ.get("LCP_DEBUG"):
+            raise
+        err.print(
+            f"lcp: internal error: {type(e).__name__}: {e} (set LCP_DEBUG=1 for a traceback)",
+            markup=False,
+        )
+        raise typer.Exit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -210,7 +221,9 @@ def render(
     device: Device = "cpu",
     dtype: Dtype = None,
     accel: Accel = "none",
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")
+    ] = False,
     cache: Annotated[bool, typer.Option(help="Use the static-feature disk cache.")] = True,
     quiet: Quiet = False,
     as_json: AsJson = False,
@@ -221,6 +234,8 @@ def render(
     written to a temporary file and renamed at the end: an error or Ctrl-C never
     leaves a partial file.
     """
+    from . import api  # heavy (torch, diffusers): imported only when a command runs
+
     with _reported_errors():
         cfg = _render_config(
             model,
@@ -285,6 +300,7 @@ def bench(
     run, PSNR/SSIM of each method's frames against the baseline's (whole frame and
     face crop) and peak memory.
     """
+    from . import api
     from .bench.runner import BenchRequest, report_markdown, run_bench
 
     with _reported_errors():
@@ -353,6 +369,7 @@ def profile(
     as_json: AsJson = False,
 ) -> None:
     """Show where a render's time goes: per stage and per UNet block."""
+    from . import api
     from .bench.profile import run_profile
 
     with _reported_errors():
@@ -390,6 +407,8 @@ def profile(
 @app.command()
 def info(as_json: AsJson = False) -> None:
     """Versions, devices, models and the cache."""
+    from . import api
+
     data = api.info()
     if as_json:
         _print_json(data)
@@ -423,7 +442,9 @@ def info(as_json: AsJson = False) -> None:
 @cache_app.command("ls")
 def cache_ls(as_json: AsJson = False) -> None:
     """List cached feature banks."""
-    cache = api.FeatureCache()
+    from .cache import FeatureCache
+
+    cache = FeatureCache()
     entries = cache.entries()
     if as_json:
         _print_json([{**e.__dict__, "path": str(e.path)} for e in entries])
@@ -439,7 +460,9 @@ def cache_ls(as_json: AsJson = False) -> None:
 @cache_app.command("clear")
 def cache_clear() -> None:
     """Delete every cached feature bank."""
-    n = api.FeatureCache().clear()
+    from .cache import FeatureCache
+
+    n = FeatureCache().clear()
     err.print(f"removed {n} cache entries")
 
 

@@ -31,7 +31,7 @@ def reference_cache_key(model: TalkingHeadModel, face: FaceAnalysis) -> str:
     return cache_key(
         np.ascontiguousarray(face.crop).tobytes(),
         str(face.crop.shape),
-        model.spec.name,
+        repr(model.spec),  # the whole architecture, not just its name
         model.weights_id,
         str(model.dtype),
     )
