@@ -14,6 +14,7 @@ with :func:`image_to_tensor` and back with :func:`tensor_to_images`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -90,6 +91,79 @@ class PixelCodec:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         _check_latents(latents, self.channels)
         return F.pixel_shuffle(latents / self.scale, self.factor)
+
+
+def _dct_matrix(n: int) -> torch.Tensor:
+    """Orthonormal DCT-II matrix ``D[k, i]`` (rows are basis vectors)."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    i = torch.arange(n, dtype=torch.float64)[None, :]
+    d = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2 / n)
+    d[0] /= math.sqrt(2)
+    return d.float()
+
+
+def _zigzag(n: int) -> list[tuple[int, int]]:
+    """JPEG's zigzag order of the ``n x n`` frequencies (low to high)."""
+    return sorted(
+        ((u, v) for u in range(n) for v in range(n)),
+        key=lambda p: (p[0] + p[1], p[0] if (p[0] + p[1]) % 2 else p[1]),
+    )
+
+
+#: Typical standard deviation of the first 16 zigzag DCT coefficients of 8x8 blocks of
+#: face crops in [-1, 1] (measured once on the five bundled portraits at 128 px); dividing
+#: by it gives latents of unit scale, like a VAE's scaling factor.
+DCT_COEFFICIENT_STD = (
+    4.2, 0.98, 0.8, 0.37, 0.38, 0.51, 0.29, 0.22, 0.22, 0.22, 0.13, 0.15, 0.16, 0.16, 0.21, 0.15
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DctCodec:
+    """Weight-free JPEG-like codec: the ``coefficients`` lowest zigzag DCT frequencies of
+    each ``factor x factor`` block of each RGB channel, scaled to unit variance.
+
+    Why not raw pixels: a pixel-unshuffled patch has ``3 * factor**2`` channels (192 at
+    factor 8), more than a small UNet's first layer is wide, so the network cannot tell
+    per-pixel noise from signal and never learns the low-noise steps.  Keeping 16
+    frequencies per channel (48 latent channels) drops only detail finer than a face
+    crop needs: the round trip reaches ~31 dB PSNR on 128 px face crops.
+    """
+
+    factor: int = 8
+    coefficients: int = 16
+
+    def __post_init__(self) -> None:
+        if self.factor != 8 or not 1 <= self.coefficients <= len(DCT_COEFFICIENT_STD):
+            raise ValueError("DCT codec: factor 8 and 1..16 coefficients are supported")
+
+    @property
+    def channels(self) -> int:
+        return 3 * self.coefficients
+
+    def _basis(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = _dct_matrix(self.factor)
+        picked = _zigzag(self.factor)[: self.coefficients]
+        basis = torch.stack([torch.outer(d[u], d[v]).flatten() for u, v in picked])  # [K, 64]
+        std = torch.tensor(DCT_COEFFICIENT_STD[: self.coefficients])
+        return basis.to(like.device, like.dtype), std.to(like.device, like.dtype)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        _check_images(images, self.factor)
+        n, c, h, w = images.shape
+        f = self.factor
+        blocks = F.pixel_unshuffle(images, f).view(n, c, f * f, h // f, w // f)
+        basis, std = self._basis(images)
+        coef = torch.einsum("kp,ncpij->nckij", basis, blocks) / std[None, None, :, None, None]
+        return coef.reshape(n, c * self.coefficients, h // f, w // f)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        _check_latents(latents, self.channels)
+        n, _, h, w = latents.shape
+        basis, std = self._basis(latents)
+        coef = latents.view(n, 3, self.coefficients, h, w) * std[None, None, :, None, None]
+        blocks = torch.einsum("kp,nckij->ncpij", basis, coef)
+        return F.pixel_shuffle(blocks.reshape(n, 3 * self.factor**2, h, w), self.factor)
 
 
 class VaeCodec:
@@ -196,8 +270,10 @@ def load_codec(
     """
     if kind == "pixel":
         return PixelCodec(factor=4 if factor is None else int(factor))
+    if kind == "dct":
+        return DctCodec(factor=8 if factor is None else int(factor))
     if kind != "sd-vae":
-        raise ConfigError(f"unknown codec {kind!r} (expected 'pixel' or 'sd-vae')")
+        raise ConfigError(f"unknown codec {kind!r} (expected 'pixel', 'dct' or 'sd-vae')")
     if folder is None:
         raise ModelLoadError("sd-vae codec: no weights folder given (it needs a VAE folder)")
     folder = Path(folder)

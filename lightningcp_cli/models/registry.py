@@ -17,7 +17,7 @@ from .face_locator import FaceLocatorConfig
 from .unet import UNetConfig
 
 AUDIO_ENCODERS = ("mel", "whisper-tiny")
-CODECS = ("pixel", "sd-vae")
+CODECS = ("pixel", "dct", "sd-vae")
 _BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -135,12 +135,13 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             name="lcp-tiny",
             description="EchoMimic-v1 architecture at laptop size: 128 px, pixel codec, mel audio",
-            # Sized for a 2-core CPU: an 8x8 pixel-unshuffle "latent" (16x16 tokens, 192
-            # channels) keeps attention cheap; one head per layer because CPU attention
-            # kernels are ~3x faster at head width 64 than at 8-16 (measured).
+            # Sized for a 2-core CPU: an 8x8 DCT "latent" (16 frequencies x RGB = 48
+            # channels on a 16x16 grid) keeps attention cheap and stays narrower than the
+            # first UNet layer; one head per layer because CPU attention kernels are ~3x
+            # faster at head width 64 than at 8-16 (measured).
             unet=UNetConfig(
-                in_channels=192,
-                out_channels=192,
+                in_channels=48,
+                out_channels=48,
                 block_out_channels=(64, 96, 96, 96),
                 layers_per_block=1,
                 attention_heads=1,
@@ -151,9 +152,9 @@ MODELS: dict[str, ModelSpec] = {
             ),
             face_locator=FaceLocatorConfig(out_channels=64, block_out_channels=(8, 16, 32, 64)),
             audio_encoder="mel",
-            codec="pixel",
+            codec="dct",
             codec_factor=8,
-            latent_channels=192,
+            latent_channels=48,
             resolution=128,
             fps=24,
             steps=25,

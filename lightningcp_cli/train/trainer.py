@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ..config import ProgressFn
-from ..models.codec import PixelCodec
+from ..models.codec import load_codec
 from ..models.loading import load_model_weights
 from ..models.registry import ModelSpec, get_model_spec
 from ..stages.denoise import make_scheduler
@@ -92,9 +92,9 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.log = log or (lambda msg: None)
         self.spec: ModelSpec = get_model_spec(config.model)
-        if self.spec.codec != "pixel":
-            raise ValueError("the trainer supports pixel-codec models (lcp-tiny)")
-        self.codec = PixelCodec(factor=self.spec.codec_factor)
+        if self.spec.codec == "sd-vae":
+            raise ValueError("the trainer trains weight-free-codec models (lcp-tiny)")
+        self.codec = load_codec(self.spec.codec, self.spec.codec_factor)
         torch.manual_seed(config.seed)
         nets = load_model_weights(self.spec, None, self.device, torch.float32, seed=config.seed)
         self.nets = torch.nn.ModuleDict(
