@@ -13,7 +13,6 @@ from lightningcp_cli.train.dataset import build_corpus
 from lightningcp_cli.train.trainer import TrainConfig, Trainer
 
 
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     # The committed clips only (no espeak-ng), few variants: seconds to build.
