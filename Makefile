@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lcp-installed
 
-.PHONY: install demo test lint format bench profile clean
+.PHONY: install demo test lint format bench profile clean train-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,9 @@ profile: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache out.mp4
+
+# Rebuild the bundled lcp-tiny weights from scratch (data engine + trainer; see README).
+train-demo: $(STAMP)
+	command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng)
+	$(BIN)/lcp train --corpus build/corpus --out build/train \
+	  $(foreach f,$(wildcard ../shared/data/speech/walden.wav ../shared/data/speech/jane.wav),--heldout-speech $(f))
