@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .accel import build_sampler
 from .bench.memory import PeakMemory
 from .cache import FeatureCache
 from .config import DenoiseConfig, ProgressFn, RenderConfig
@@ -182,7 +183,10 @@ def render(
             ref = compute_reference(model, face, cache if cfg.use_cache else None)
             face_feature = _face_feature(model, face)
             progress("reference", 1, 1)
-        with timer("denoise"):
+        with (
+            timer("denoise"),
+            build_sampler(cfg.accel, model, face, cfg.accel_config) as sampler,
+        ):
             latents = denoise(
                 model.denoiser,
                 audio.tokens.to(model.device, model.dtype),
@@ -193,6 +197,7 @@ def render(
                 on_progress=progress,
                 dtype=model.dtype,
                 device=model.device,
+                sampler=sampler,
             )
 
         n = latents.shape[2]
@@ -325,4 +330,41 @@ def info() -> dict[str, Any]:
             "entries": len(entries),
             "bytes": sum(e.size_bytes for e in entries),
         },
+    }
+
+
+def train(
+    corpus: Path,
+    out_dir: Path,
+    *,
+    config: Any = None,
+    device: str = "auto",
+    export_to: Path | None = None,
+    heldout_speech: tuple[Path, ...] = (),
+    on_progress: ProgressFn | None = None,
+    log: Any = None,
+) -> dict[str, Any]:
+    """Build the corpus if ``corpus`` has none, train (resuming from ``out_dir``), export.
+
+    Returns a summary: steps, seconds, final loss, the exported weight files.
+    """
+    from .train.dataset import build_corpus
+    from .train.trainer import TrainConfig, Trainer
+
+    corpus, out_dir = Path(corpus), Path(out_dir)
+    if not (corpus / "corpus.json").is_file():
+        build_corpus(corpus, heldout_clips=list(heldout_speech), progress=on_progress)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    trainer = Trainer(config or TrainConfig(), corpus, out_dir, device, log=log)
+    state = trainer.fit(on_progress)
+    files = trainer.export_weights(export_to or out_dir / "weights")
+    return {
+        "steps": state.step,
+        "seconds": round(state.seconds, 1),
+        "final_loss": state.losses[-1][1] if state.losses else None,
+        "device": device,
+        "checkpoint": str(trainer.checkpoint_path),
+        "loss_curve": str(out_dir / "loss.png"),
+        "weights": [str(p) for p in files],
     }

@@ -12,14 +12,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .accel import ACCEL_METHODS  # the registry's names; accel/__init__ imports nothing heavy
 from .errors import ConfigError
 
 #: Progress callback handed down by the CLI: ``(stage, done, total)``.  Stages and the
 #: denoising loop call only this, never rich or tqdm.
 ProgressFn = Callable[[str, int, int], None]
 
-#: Acceleration methods ``--accel`` accepts ("none" = the model's own pipeline).
-ACCEL_METHODS: tuple[str, ...] = ("none",)
+__all__ = [
+    "ACCEL_METHODS",  # acceleration methods --accel accepts ("none" = the model's own pipeline)
+    "AccelConfig",
+    "AudioConfig",
+    "DFAConfig",
+    "DenoiseConfig",
+    "FaceConfig",
+    "LightningCPConfig",
+    "OutputConfig",
+    "ProgressFn",
+    "RenderConfig",
+]
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -97,6 +108,101 @@ class OutputConfig:
         _check(0 <= self.crf <= 51, "crf must be in [0, 51]")
 
 
+KEY_SCHEDULES = ("uniform", "list", "adaptive")
+
+
+@dataclass(frozen=True)
+class LightningCPConfig:
+    """LightningCP: which steps are key steps and how the others are predicted.
+
+    ``schedule``: ``uniform`` (a key step every ``interval`` steps from step 0), ``list``
+    (exactly ``key_steps``; step 0 is always added) or ``adaptive`` (after each key step
+    the next interval is ``threshold / feature change``, clamped to ``[1,
+    max_interval]``; the change is the relative L2 distance between the cached features
+    of the last two key steps).  ``warmup`` leading steps are always key steps.
+    ``parallel``: the non-key steps of a group run as one batched call (else one by one,
+    each on its real latents); ``estimate``: their input latents are estimated by
+    stepping the scheduler with the key step's guided prediction (else all of them take
+    the latents right after the key step).  ``static_cache``: reference and audio
+    keys/values computed once per video.  ``interval=1`` gives the uncached output.
+    """
+
+    schedule: str = "uniform"
+    interval: int = 3
+    key_steps: tuple[int, ...] = ()
+    warmup: int = 0
+    threshold: float = 0.3
+    max_interval: int = 5
+    parallel: bool = True
+    estimate: bool = True
+    static_cache: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key_steps", tuple(int(k) for k in self.key_steps))
+        _check(self.schedule in KEY_SCHEDULES, f"key schedule must be one of {KEY_SCHEDULES}")
+        _check(1 <= self.interval <= 100, "key interval must be in [1, 100]")
+        _check(all(k >= 0 for k in self.key_steps), "key steps must be >= 0")
+        _check(
+            self.schedule != "list" or len(self.key_steps) > 0,
+            "the 'list' key schedule needs key_steps",
+        )
+        _check(self.warmup >= 0, "warmup must be >= 0")
+        _check(self.threshold > 0, "adaptive threshold must be > 0")
+        _check(1 <= self.max_interval <= 100, "max interval must be in [1, 100]")
+
+
+@dataclass(frozen=True)
+class DFAConfig:
+    """Decoupled foreground attention at non-key steps.
+
+    The foreground is the face stage's ``foreground_mask`` on each layer's token grid:
+    cells covered at least ``threshold`` (0: any overlap), grown by ``dilate`` x the grid
+    side (rounded up to whole cells).  A mask covering less than ``min_fraction`` or more
+    than ``max_fraction`` of the grid means full attention in that layer.  Switches:
+    ``spatial`` self-attention (queries and keys: foreground tokens only), ``reference``
+    (the reference bank's tokens cut to the foreground too; else all of them),
+    ``audio`` cross-attention and ``temporal`` attention (foreground queries only).
+    """
+
+    threshold: float = 0.0
+    dilate: float = 0.1
+    min_fraction: float = 0.0
+    max_fraction: float = 0.9
+    spatial: bool = True
+    reference: bool = True
+    audio: bool = False
+    temporal: bool = False
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.threshold <= 1.0, "DFA threshold must be in [0, 1]")
+        _check(0.0 <= self.dilate <= 1.0, "DFA dilation must be in [0, 1]")
+        _check(
+            0.0 <= self.min_fraction <= self.max_fraction <= 1.0,
+            "DFA fractions must satisfy 0 <= min_fraction <= max_fraction <= 1",
+        )
+
+
+@dataclass(frozen=True)
+class AccelConfig:
+    """Settings of the acceleration methods; ``RenderConfig.accel`` picks the method.
+
+    ``drop_reference``: denoiser blocks (bank keys, e.g. ``up_blocks.3.attentions.2.
+    transformer_blocks.0``) that run without the reference bank under ``full``.  Empty
+    until the ablation on a trained model picks layers (``benchmarks/ablate_reference.py``).
+    """
+
+    lightningcp: LightningCPConfig = field(default_factory=LightningCPConfig)
+    dfa: DFAConfig = field(default_factory=DFAConfig)
+    drop_reference: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "drop_reference", tuple(self.drop_reference))
+        _check(
+            all(isinstance(k, str) and k for k in self.drop_reference),
+            "drop_reference must list block paths",
+        )
+
+
 @dataclass(frozen=True)
 class RenderConfig:
     """Everything one render needs besides the input files."""
@@ -105,7 +211,8 @@ class RenderConfig:
     weights: Path | None = None  # folder (or file) of weights; None: bundled / random
     device: str = "cpu"
     dtype: str | None = None  # float32 | float16 | bfloat16; None: fp32 on CPU, fp16 on GPU
-    accel: str = "none"
+    accel: str = "none"  # one of ACCEL_METHODS
+    accel_config: AccelConfig = field(default_factory=AccelConfig)
     use_cache: bool = True  # static-feature (reference bank) disk cache
     face: FaceConfig = field(default_factory=FaceConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)

@@ -3,6 +3,12 @@
 Every method renders the same portrait and speech with the same model instance, seed,
 steps and windows, in one process, so the speedups are ratios measured in one run.
 Fidelity is measured against the baseline's frames (whole frame and face crop).
+
+``fewer-steps`` (a peer: the baseline with fewer DDIM steps at the same wall time) runs
+after every other method: ``fewer-steps@8`` uses 8 steps, ``fewer-steps@<method>`` the
+step count whose denoise time matches that method's, plain ``fewer-steps`` matches
+``full`` (else ``lightningcp``, else the fastest method measured).  Its row is labelled
+``fewer-steps@<steps>``.
 """
 
 from __future__ import annotations
@@ -19,11 +25,15 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..accel.peers import FEWER_STEPS, matched_steps, parse_fewer_steps
 from ..config import ProgressFn, RenderConfig
+from ..errors import ConfigError
 from ..models.bundle import load_model
 from .metrics import video_fidelity
 
 BASELINE = "none"
+#: Methods ``fewer-steps`` matches when given no target, in order of preference.
+FEWER_STEPS_TARGETS = ("full", "lightningcp")
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,8 @@ class MethodResult:
     denoise_speedup: float = 1.0
     total_speedup: float = 1.0
     fidelity: dict[str, float] = field(default_factory=dict)  # psnr/ssim, *_face
+    steps: int | None = None  # DDIM steps of this run when not the bench's (fewer-steps)
+    note: str = ""
 
 
 @dataclass
@@ -79,6 +91,10 @@ def run_bench(request: BenchRequest, *, on_progress: ProgressFn | None = None) -
     from ..api import RenderRequest, render  # the bench drives the public API
 
     methods = list(dict.fromkeys((BASELINE, *request.methods)))  # baseline first, once
+    fewer = [m for m in methods if m.split("@")[0] == FEWER_STEPS]  # last: they match others
+    regular = [m for m in methods if m not in fewer]
+    for m in fewer:
+        _check_fewer_steps(m)
     cfg = replace(request.config, use_cache=False)  # every method pays the same reference pass
     model = load_model(cfg.model, cfg.weights, cfg.device, cfg.dtype)
     steps = cfg.denoise.steps or model.spec.steps
@@ -90,11 +106,13 @@ def run_bench(request: BenchRequest, *, on_progress: ProgressFn | None = None) -
                 RenderRequest(request.face, request.audio, out_dir / "warmup.mp4", warm),
                 model=model,
             )
-        results, baseline = [], None
-        for i, method in enumerate(methods):
+        results: list[MethodResult] = []
+        baseline: tuple[Any, MethodResult] | None = None
+
+        def measure(i: int, label: str, mcfg: RenderConfig) -> MethodResult:
+            nonlocal baseline
             if on_progress:
                 on_progress("bench", i, len(methods))
-            mcfg = replace(cfg, accel=method)
             t0 = time.perf_counter()
             res = render(
                 RenderRequest(request.face, request.audio, out_dir / f"{i}.mp4", mcfg),
@@ -103,7 +121,7 @@ def run_bench(request: BenchRequest, *, on_progress: ProgressFn | None = None) -
             )
             total = time.perf_counter() - t0
             mr = MethodResult(
-                method=method,
+                method=label,
                 stage_seconds=res.stage_seconds,
                 denoise_s=res.stage_seconds["denoise"],
                 total_s=total,
@@ -119,6 +137,15 @@ def run_bench(request: BenchRequest, *, on_progress: ProgressFn | None = None) -
                 face = video_fidelity(bres.crop_frames, res.crop_frames)
                 mr.fidelity = {**full, **{f"{k}_face": v for k, v in face.items()}}
             results.append(mr)
+            return mr
+
+        for i, method in enumerate(regular):
+            measure(i, method, replace(cfg, accel=method))
+        for i, spec in enumerate(fewer, start=len(regular)):
+            n, note = _fewer_steps(spec, steps, results)
+            mcfg = replace(cfg, accel=BASELINE, denoise=replace(cfg.denoise, steps=n))
+            mr = measure(i, f"{FEWER_STEPS}@{n}", mcfg)
+            mr.steps, mr.note = n, note
         if on_progress:
             on_progress("bench", len(methods), len(methods))
     assert baseline is not None
@@ -132,6 +159,36 @@ def run_bench(request: BenchRequest, *, on_progress: ProgressFn | None = None) -
         fps=baseline[0].fps,
         results=results,
     )
+
+
+def _check_fewer_steps(spec: str) -> None:
+    try:
+        parse_fewer_steps(spec)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _fewer_steps(spec: str, steps: int, results: list[MethodResult]) -> tuple[int, str]:
+    """DDIM steps (and a note) of a ``fewer-steps[@N|@method]`` run, given the results so far
+    (the baseline first)."""
+    _, arg = parse_fewer_steps(spec)
+    if isinstance(arg, int):
+        return arg, f"{arg} of {steps} steps (fixed)"
+    base, others = results[0], {r.method: r for r in results[1:]}
+    if isinstance(arg, str):
+        if arg not in others:
+            raise ConfigError(f"{spec}: method {arg!r} is not part of this bench")
+        target = others[arg]
+    else:
+        preferred = [others[m] for m in FEWER_STEPS_TARGETS if m in others]
+        if preferred:
+            target = preferred[0]
+        elif others:
+            target = min(others.values(), key=lambda r: r.denoise_s)
+        else:
+            raise ConfigError(f"{spec}: no accelerated method to match; add --accel METHOD")
+    n = matched_steps(steps, base.denoise_s, target.denoise_s)
+    return n, f"{n} of {steps} steps: denoise time matched to {target.method}"
 
 
 def report_markdown(report: BenchReport) -> str:
@@ -172,6 +229,9 @@ def report_markdown(report: BenchReport) -> str:
             f"{r.peak_memory_mb:.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"- {r.method}: {r.note}" for r in report.results if r.note]
+    if notes:
+        lines += ["", *notes]
     return "\n".join(lines) + "\n"
 
 

@@ -134,7 +134,7 @@ MODELS: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             name="lcp-tiny",
-            description="EchoMimic-v1 architecture at laptop size: 128 px, pixel codec, mel audio",
+            description="EchoMimic-v1 architecture at laptop size: 128 px, DCT codec, mel audio",
             # Sized for a 2-core CPU: an 8x8 DCT "latent" (16 frequencies x RGB = 48
             # channels on a 16x16 grid) keeps attention cheap and stays narrower than the
             # first UNet layer; one head per layer because CPU attention kernels are ~3x

@@ -10,13 +10,21 @@ Matches EchoMimic v1's ``Audio2VideoPipeline`` (see ``shared/checkpoints/golden/
   per-frame window count, then classifier-free guidance ``u + g * (c - u)`` is applied
   and the scheduler steps the whole video at once.
 
-The model is called only through :meth:`Sampler.predict`, one call per (step, window).
-An acceleration subclasses :class:`Sampler` (or wraps ``predict``) and keeps its caches
-keyed by ``ctx.window_index``; the loop itself stays the same.
+The model is called only through the :class:`Sampler`.  The loop runs *step groups*
+(:class:`StepGroup`, asked from :meth:`Sampler.next_group`): a lead step followed by
+zero or more further steps that share the lead step's window layout (windows rotate
+only at a group's lead step).  The plain sampler's groups are single steps, which is
+the loop described above.  An accelerated sampler (LightningCP) makes its key steps the
+lead steps; with ``batched`` groups the further steps run as one call per window
+(:meth:`Sampler.predict_batch`) on input latents estimated by stepping the scheduler
+with the lead step's guided prediction, and are then rolled out one by one with their
+own predictions.  Caches are keyed by ``ctx.window_index``, which within a group always
+names the same frames.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -106,7 +114,8 @@ class StepContext:
     ``step_index`` counts sampler steps from 0 (never derived from ``timestep``);
     ``window_index`` is the window's position in this step's list (stable across steps,
     so per-window caches can key on it); ``frames`` are the video frame indices the
-    window covers, in the order the model sees them.
+    window covers, in the order the model sees them (the same for every step of a step
+    group); ``group_start`` is the lead step of the step's group (see :class:`StepGroup`).
     """
 
     step_index: int
@@ -116,6 +125,101 @@ class StepContext:
     num_windows: int
     frames: tuple[int, ...]
     cfg: bool
+    group_start: int | None = None  # lead step of this step's group (None: this step)
+
+    @property
+    def is_lead(self) -> bool:
+        """True for a group's lead step (always predicted on the real latents)."""
+        return self.group_start is None or self.group_start == self.step_index
+
+
+@dataclass(frozen=True)
+class StepGroup:
+    """Consecutive sampler steps ``start .. start+size-1`` run with one window layout.
+
+    The lead step (``start``) is always predicted on the real latents.  The further
+    steps are predicted one by one on their real latents, unless ``batched``: then they
+    are predicted together, one :meth:`Sampler.predict_batch` call per window, on inputs
+    that are *estimated*: the first one is the real latents after the lead step; with
+    ``estimate`` each next one is the previous one stepped by the scheduler with the
+    lead step's guided prediction (held as a noise prediction, see :func:`noise_as`),
+    without it every one is the latents after the lead step.  The real latents are then
+    rolled out step by step with each step's own (guided) prediction.
+    """
+
+    start: int
+    size: int = 1
+    batched: bool = False
+    estimate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or self.size < 1:
+            raise ValueError(f"bad step group: start {self.start}, size {self.size}")
+
+    @property
+    def steps(self) -> range:
+        return range(self.start, self.start + self.size)
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """The inputs every step and window of one :func:`denoise` run shares (static features).
+
+    ``audio`` ``[1, F, N, D]`` (the whole video, model dtype/device), ``face_feature``
+    ``[1, C0, 1, h, w]`` or None, ``bank`` as handed to the model, ``timesteps`` of the
+    run in order, ``cfg`` whether classifier-free guidance rows are used,
+    ``latent_shape`` ``(C, h, w)``.
+    """
+
+    audio: torch.Tensor
+    face_feature: torch.Tensor | None
+    bank: Bank | None
+    timesteps: tuple[int, ...]
+    cfg: bool
+    latent_shape: tuple[int, int, int]
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.audio.shape[1])
+
+
+def _alpha(scheduler: DDIMScheduler, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+    return scheduler.alphas_cumprod[int(t)].to(device=like.device, dtype=like.dtype)
+
+
+def as_noise(
+    scheduler: DDIMScheduler, output: torch.Tensor, t: torch.Tensor | int, sample: torch.Tensor
+) -> torch.Tensor:
+    """The noise (epsilon) that a model ``output`` at timestep ``t`` on ``sample`` implies."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return output
+    a = _alpha(scheduler, t, sample)
+    if kind == "v_prediction":
+        return a.sqrt() * output + (1 - a).sqrt() * sample
+    if kind == "sample":
+        return (sample - a.sqrt() * output) / (1 - a).sqrt()
+    raise ValueError(f"unsupported prediction type {kind!r}")
+
+
+def noise_as(
+    scheduler: DDIMScheduler, noise: torch.Tensor, t: torch.Tensor | int, sample: torch.Tensor
+) -> torch.Tensor:
+    """The model output at ``t`` on ``sample`` that implies ``noise`` (inverse of :func:`as_noise`).
+
+    Stepping the scheduler with it moves ``sample`` along the DDIM path of a held noise
+    prediction: the input-latent estimate of parallel prediction.  (Holding the raw
+    v-prediction instead would change the implied noise from step to step.)
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    a = _alpha(scheduler, t, sample)
+    if kind == "v_prediction":
+        return (noise - (1 - a).sqrt() * sample) / a.sqrt()
+    if kind == "sample":
+        return (sample - (1 - a).sqrt() * noise) / a.sqrt()
+    raise ValueError(f"unsupported prediction type {kind!r}")
 
 
 class Denoiser(Protocol):
@@ -135,17 +239,50 @@ class Denoiser(Protocol):
 class Sampler:
     """The seam between the denoising loop and the model.
 
-    :func:`denoise` calls :meth:`reset` once, then per step :meth:`on_step_start`,
-    :meth:`predict` once per context window, and :meth:`on_step_end` with the stepped
-    latents.  Subclasses (accelerations) override these; the defaults run the plain
-    model, so an unmodified ``Sampler`` gives the reference output.
+    :func:`denoise` calls :meth:`reset` once and :meth:`on_run_start` with the run's
+    static inputs.  Then, group by group: it runs the lead step (:meth:`on_step_start`,
+    :meth:`predict` once per context window, :meth:`on_step_end` with the stepped
+    latents), asks :meth:`next_group` how many steps follow it in the same group, and
+    runs those the same way, or, for a batched group, calls :meth:`on_step_start` for all
+    of them, :meth:`predict_batch` once per window, and :meth:`on_step_end` per step as
+    it rolls the latents out.
+    Subclasses (accelerations) override these; the defaults run the plain model in
+    groups of one step, so an unmodified ``Sampler`` gives the reference output.
+
+    A sampler that patches the model (processors, hooks) does so in :meth:`enable` and
+    undoes it in :meth:`disable`; ``with sampler:`` does both (no-ops here).
     """
 
     def __init__(self, denoiser: Denoiser) -> None:
         self.denoiser = denoiser
 
+    def enable(self) -> Sampler:
+        """Install whatever the sampler needs on the model (idempotent)."""
+        return self
+
+    def disable(self) -> None:
+        """Undo :meth:`enable` exactly (idempotent)."""
+
+    def __enter__(self) -> Sampler:
+        return self.enable()
+
+    def __exit__(self, *exc: object) -> None:
+        self.disable()
+
     def reset(self) -> None:
         """Drop per-run state; called at the start of every :func:`denoise` run."""
+
+    def on_run_start(self, inputs: RunInputs) -> None:
+        """Called once per run after :meth:`reset`, with the inputs all steps share."""
+
+    def next_group(self, step_index: int, num_steps: int) -> StepGroup:
+        """The step group led by ``step_index`` (default: that step alone).
+
+        Called right after the lead step was predicted and stepped (its
+        :meth:`on_step_end` has run), so the plan may depend on what it produced; the
+        group must start at ``step_index`` and end by ``num_steps``.
+        """
+        return StepGroup(step_index)
 
     def on_step_start(self, step_index: int, timestep: int) -> None:
         """Called before the first window of a step."""
@@ -178,6 +315,29 @@ class Sampler:
         ref_rows = torch.tensor([False, True], device=latents.device)
         return self.denoiser(sample, timestep, audio, face_feature, bank, ref_rows)
 
+    def predict_batch(
+        self,
+        latents: torch.Tensor,
+        ctxs: Sequence[StepContext],
+        audio: torch.Tensor,
+        face_feature: torch.Tensor | None,
+        bank: Bank | None,
+    ) -> torch.Tensor:
+        """Raw outputs of one window for several steps at once: ``[S, B, C, f, h, w]``.
+
+        ``latents [S, C, f, h, w]`` holds step ``ctxs[i]``'s input in row ``i``; the other
+        inputs are :meth:`predict`'s.  The default calls :meth:`predict` per step; an
+        accelerated sampler replaces it with one batched model call.
+        """
+        if latents.shape[0] != len(ctxs):
+            raise ValueError(f"{latents.shape[0]} latents for {len(ctxs)} steps")
+        return torch.stack(
+            [
+                self.predict(latents[i : i + 1], ctx, audio, face_feature, bank)
+                for i, ctx in enumerate(ctxs)
+            ]
+        )
+
 
 def denoise(
     denoiser: Denoiser,
@@ -204,6 +364,9 @@ def denoise(
     conditional batch row instead of classifier-free guidance.  ``scheduler`` defaults to
     :func:`make_scheduler`; ``sampler`` (wrapping ``denoiser``) to a plain
     :class:`Sampler`.
+
+    Steps run in the groups ``sampler.next_group`` plans (see :class:`StepGroup`); the
+    window layout of a group is that of its lead step.
 
     Unlike EchoMimic's pipeline, which divides by the per-frame window count only in its
     CFG branch, predictions are always averaged over overlapping windows; the two agree
@@ -242,44 +405,129 @@ def denoise(
     if face_feature is not None:
         face_feature = face_feature.to(device=device, dtype=dtype)
 
+    run = RunInputs(
+        audio,
+        face_feature,
+        bank,
+        tuple(int(t) for t in timesteps),
+        do_cfg,
+        (channels, height, width),
+    )
     sampler.reset()
+    sampler.on_run_start(run)
     if on_progress is not None:
         on_progress("denoise", 0, num_steps)
-    with torch.no_grad():
-        for step_index, t in enumerate(timesteps):
-            t_int = int(t)
-            sampler.on_step_start(step_index, t_int)
-            windows = context_windows(
-                num_frames, cfg.context_frames, cfg.context_overlap, step_index
+
+    def windows_at(layout_step: int) -> list[list[int]]:
+        return context_windows(num_frames, cfg.context_frames, cfg.context_overlap, layout_step)
+
+    def step_context(step_index: int, window_index: int, windows: list[list[int]], lead: int):
+        return StepContext(
+            step_index=step_index,
+            num_steps=num_steps,
+            timestep=run.timesteps[step_index],
+            window_index=window_index,
+            num_windows=len(windows),
+            frames=tuple(windows[window_index]),
+            cfg=do_cfg,
+            group_start=lead,
+        )
+
+    def guide(pred: torch.Tensor) -> torch.Tensor:
+        if not do_cfg:
+            return pred
+        uncond, cond = pred.chunk(2)
+        return uncond + cfg.guidance * (cond - uncond)
+
+    def advance(step_index: int, guided: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        t = timesteps[step_index]
+        latents = scheduler.step(guided, t, latents, eta=0.0).prev_sample
+        if not torch.isfinite(latents).all():
+            raise LcpError(
+                f"denoise: latents became NaN/inf at step {step_index + 1}/{num_steps} "
+                f"(timestep {int(t)}); try float32 or another seed"
             )
-            noise_pred = torch.zeros((rows, *latents.shape[1:]), device=device, dtype=dtype)
-            counter = torch.zeros((1, 1, num_frames, 1, 1), device=device, dtype=dtype)
-            for window_index, frames in enumerate(windows):
-                ctx = StepContext(
-                    step_index=step_index,
-                    num_steps=num_steps,
-                    timestep=t_int,
-                    window_index=window_index,
-                    num_windows=len(windows),
-                    frames=tuple(frames),
-                    cfg=do_cfg,
+        sampler.on_step_end(step_index, int(t), latents)
+        if on_progress is not None:
+            on_progress("denoise", step_index + 1, num_steps)
+        return latents
+
+    def one_step(step_index: int, lead: int, windows: list[list[int]], latents: torch.Tensor):
+        """Predict every window of one step on ``latents``; returns the guided prediction."""
+        t = timesteps[step_index]
+        sampler.on_step_start(step_index, int(t))
+        noise_pred = torch.zeros((rows, *latents.shape[1:]), device=device, dtype=dtype)
+        counter = torch.zeros((1, 1, num_frames, 1, 1), device=device, dtype=dtype)
+        for window_index, frames in enumerate(windows):
+            ctx = step_context(step_index, window_index, windows, lead)
+            idx = torch.tensor(frames, device=device)
+            window_latents = scheduler.scale_model_input(latents[:, :, idx], t)
+            pred = sampler.predict(window_latents, ctx, audio[:, idx], face_feature, bank)
+            noise_pred[:, :, idx] += pred
+            counter[:, :, idx] += 1
+        return guide(noise_pred / counter)
+
+    def batched_steps(
+        steps: range, lead: int, windows: list[list[int]], inputs: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Predict several steps at once per window; returns their guided predictions."""
+        for s in steps:
+            sampler.on_step_start(s, run.timesteps[s])
+        n = len(steps)
+        noise_pred = torch.zeros((n, rows, *inputs[0].shape[1:]), device=device, dtype=dtype)
+        counter = torch.zeros((1, 1, 1, num_frames, 1, 1), device=device, dtype=dtype)
+        for window_index, frames in enumerate(windows):
+            ctxs = [step_context(s, window_index, windows, lead) for s in steps]
+            idx = torch.tensor(frames, device=device)
+            window_latents = torch.cat(
+                [
+                    scheduler.scale_model_input(x[:, :, idx], timesteps[s])
+                    for s, x in zip(steps, inputs, strict=True)
+                ]
+            )
+            pred = sampler.predict_batch(window_latents, ctxs, audio[:, idx], face_feature, bank)
+            if pred.shape[:2] != (n, rows):
+                raise ValueError(
+                    f"predict_batch returned {tuple(pred.shape)}, expected [{n}, {rows}, ...]"
                 )
-                idx = torch.tensor(frames, device=device)
-                window_latents = scheduler.scale_model_input(latents[:, :, idx], t)
-                pred = sampler.predict(window_latents, ctx, audio[:, idx], face_feature, bank)
-                noise_pred[:, :, idx] += pred
-                counter[:, :, idx] += 1
-            noise_pred = noise_pred / counter
-            if do_cfg:
-                uncond, cond = noise_pred.chunk(2)
-                noise_pred = uncond + cfg.guidance * (cond - uncond)
-            latents = scheduler.step(noise_pred, t, latents, eta=0.0).prev_sample
-            if not torch.isfinite(latents).all():
-                raise LcpError(
-                    f"denoise: latents became NaN/inf at step {step_index + 1}/{num_steps} "
-                    f"(timestep {t_int}); try float32 or another seed"
+            noise_pred[:, :, :, idx] += pred
+            counter[:, :, :, idx] += 1
+        noise_pred = noise_pred / counter
+        return [guide(noise_pred[i]) for i in range(n)]
+
+    estimator: DDIMScheduler | None = None  # a copy: estimation must not touch run state
+    with torch.no_grad():
+        step_index = 0
+        while step_index < num_steps:
+            windows = windows_at(step_index)  # layout fixed for the whole group
+            lead_input = latents
+            lead_pred = one_step(step_index, step_index, windows, latents)
+            latents = advance(step_index, lead_pred, latents)
+            group = sampler.next_group(step_index, num_steps)  # may depend on the lead step
+            if group.start != step_index or group.start + group.size > num_steps:
+                raise ValueError(
+                    f"sampler planned steps {group.start}..{group.start + group.size - 1} "
+                    f"at step {step_index} of {num_steps}"
                 )
-            sampler.on_step_end(step_index, t_int, latents)
-            if on_progress is not None:
-                on_progress("denoise", step_index + 1, num_steps)
+            rest = group.steps[1:]
+            if rest and not group.batched:
+                for s in rest:
+                    latents = advance(s, one_step(s, step_index, windows, latents), latents)
+            elif rest:
+                if estimator is None:
+                    estimator = copy.deepcopy(scheduler)
+                inputs = [latents]
+                if group.estimate:
+                    held = as_noise(estimator, lead_pred, timesteps[step_index], lead_input)
+                for s in rest[:-1]:
+                    x = inputs[-1]
+                    if group.estimate:
+                        t = timesteps[s]
+                        x = estimator.step(noise_as(estimator, held, t, x), t, x, eta=0.0)
+                        x = x.prev_sample
+                    inputs.append(x)
+                preds = batched_steps(rest, step_index, windows, inputs)
+                for s, guided in zip(rest, preds, strict=True):
+                    latents = advance(s, guided, latents)
+            step_index = group.start + group.size
     return latents

@@ -1,0 +1,264 @@
+"""Measure accelerations on one input: denoise-stage speed ratios and fidelity to the baseline.
+
+:class:`Experiment` prepares one render's static inputs once (face, audio tokens, reference
+bank, face feature) and runs only the denoise stage with any sampler, so many settings can
+be compared in one process, interleaved and repeated (ratios, not absolute times, on a
+shared machine).  Fidelity compares decoded crop frames with the baseline's: PSNR/SSIM of
+the whole crop and PSNR of the mouth box (a lip-sync proxy).
+
+``python -m lightningcp_cli.accel.sweep`` sweeps key-step schedules (see ``--help``);
+``benchmarks/ablate_reference.py`` uses the same class for the reference-removal ablation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import AccelConfig, AudioConfig, DenoiseConfig, FaceConfig, LightningCPConfig
+from ..stages.denoise import Sampler
+
+SamplerMaker = Callable[["Experiment"], Sampler]
+
+
+@dataclass
+class Outcome:
+    name: str
+    seconds: list[float] = field(default_factory=list)
+    speedup: float = 1.0
+    fidelity: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "seconds": min(self.seconds) if self.seconds else None,
+            "speedup": self.speedup,
+            **self.fidelity,
+            **{k: v for k, v in self.stats.items() if k in ("key_steps", "change_per_step")},
+        }
+
+
+class Experiment:
+    """One portrait + speech prepared for repeated denoise runs on one model."""
+
+    def __init__(
+        self,
+        model: str = "lcp-tiny",
+        weights: Path | None = None,
+        face: Path | None = None,
+        audio: Path | None = None,
+        *,
+        fps: int = 12,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int = 420,
+        device: str = "cpu",
+    ) -> None:
+        from ..api import _face_feature, example_inputs
+        from ..models.bundle import load_model
+        from ..stages.audio import prepare_audio
+        from ..stages.face import analyze_face, load_image
+        from ..stages.reference import compute_reference
+
+        ex_face, ex_audio = example_inputs()
+        self.model = load_model(model, weights, device, None)
+        spec = self.model.spec
+        self.face = analyze_face(
+            load_image(face or ex_face), FaceConfig(), spec.resolution, source=str(face)
+        )
+        with torch.inference_mode():
+            self.audio = prepare_audio(
+                audio or ex_audio, self.model.audio_encoder, fps, AudioConfig()
+            )
+            self.reference = compute_reference(self.model, self.face, None)
+            self.face_feature = _face_feature(self.model, self.face)
+        self.denoise_config = DenoiseConfig(
+            steps=steps or spec.steps,
+            guidance=spec.guidance if guidance is None else guidance,
+            context_frames=spec.context_frames,
+            context_overlap=spec.context_overlap,
+            seed=seed,
+        )
+        self._mouth = _box(self.face.mouth_mask)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.audio.tokens.shape[0])
+
+    def run(self, sampler: Sampler | None = None, bank=None) -> tuple[torch.Tensor, float]:
+        """Denoise once; returns latents and wall seconds of the denoise stage."""
+        from ..stages.denoise import denoise
+
+        m = self.model
+        sampler = sampler or Sampler(m.denoiser)
+        with torch.inference_mode(), sampler:
+            t0 = time.perf_counter()
+            latents = denoise(
+                m.denoiser,
+                self.audio.tokens.to(m.device, m.dtype),
+                self.face_feature,
+                self.reference.bank if bank is None else bank,
+                self.denoise_config,
+                tuple(self.reference.latents.shape[1:]),
+                dtype=m.dtype,
+                device=m.device,
+                sampler=sampler,
+            )
+            if m.device.type == "cuda":
+                torch.cuda.synchronize(m.device)
+            return latents, time.perf_counter() - t0
+
+    def frames(self, latents: torch.Tensor) -> list[np.ndarray]:
+        from ..stages.decode import decode_frames
+
+        return list(decode_frames(self.model.codec, latents))
+
+    def fidelity(self, ref: list[np.ndarray], test: list[np.ndarray]) -> dict[str, float]:
+        from ..bench.metrics import psnr, video_fidelity
+
+        out = video_fidelity(ref, test)
+        y0, y1, x0, x1 = self._mouth
+        out["psnr_mouth"] = float(
+            np.mean(
+                [psnr(a[y0:y1, x0:x1], b[y0:y1, x0:x1]) for a, b in zip(ref, test, strict=True)]
+            )
+        )
+        return out
+
+    def compare(self, makers: dict[str, SamplerMaker | None], repeats: int = 2) -> list[Outcome]:
+        """Run every sampler ``repeats`` times interleaved (after one untimed warm-up run of
+        the first); the first entry is the reference for speed and fidelity."""
+        outcomes = {name: Outcome(name) for name in makers}
+        latents: dict[str, torch.Tensor] = {}
+        first = next(iter(makers.values()))
+        self.run(first(self) if first is not None else None)  # first-call overheads
+        for _ in range(repeats):
+            for name, make in makers.items():
+                sampler = make(self) if make is not None else None
+                lat, secs = self.run(sampler)
+                outcomes[name].seconds.append(secs)
+                latents[name] = lat
+                if hasattr(sampler, "stats"):
+                    outcomes[name].stats = sampler.stats()
+        names = list(makers)
+        ref_frames = self.frames(latents[names[0]])
+        base = min(outcomes[names[0]].seconds)
+        for name in names:
+            out = outcomes[name]
+            out.speedup = base / min(out.seconds)
+            if name != names[0]:
+                out.fidelity = self.fidelity(ref_frames, self.frames(latents[name]))
+        return [outcomes[n] for n in names]
+
+
+def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return 0, mask.shape[0], 0, mask.shape[1]
+    return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+
+
+def lightningcp_maker(config: LightningCPConfig, method: str = "lightningcp") -> SamplerMaker:
+    from . import build_sampler
+
+    def make(exp: Experiment) -> Sampler:
+        return build_sampler(method, exp.model, exp.face, AccelConfig(lightningcp=config))
+
+    return make
+
+
+def parse_schedule(text: str) -> LightningCPConfig:
+    """``uniform:3``, ``uniform:4,warmup=2``, ``list:0,1,3,6``, ``adaptive:0.3``,
+    optionally followed by ``;estimate=0`` / ``;parallel=0``."""
+    head, _, opts = text.partition(";")
+    kind, _, arg = head.partition(":")
+    cfg = LightningCPConfig()
+    if kind == "uniform":
+        interval, *rest = arg.split(",")
+        cfg = replace(cfg, interval=int(interval))
+        for item in rest:
+            k, v = item.split("=")
+            cfg = replace(cfg, **{k: int(v)})
+    elif kind == "list":
+        cfg = replace(cfg, schedule="list", key_steps=tuple(int(s) for s in arg.split(",")))
+    elif kind == "adaptive":
+        cfg = replace(cfg, schedule="adaptive", threshold=float(arg or cfg.threshold))
+    else:
+        raise ValueError(f"unknown schedule {text!r}")
+    for item in filter(None, opts.split(",")):
+        k, v = item.split("=")
+        cfg = replace(cfg, **{k: bool(int(v))})
+    return cfg
+
+
+DEFAULT_SCHEDULES = (
+    "uniform:2",
+    "uniform:3",
+    "uniform:3;estimate=0",
+    "uniform:4",
+    "uniform:5",
+    "uniform:4,warmup=3",
+    "list:0,1,2,4,6,9,12,15,18,21,24",
+    "adaptive:0.3",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="lcp-tiny")
+    p.add_argument("--weights", type=Path)
+    p.add_argument("--face", type=Path)
+    p.add_argument("--audio", type=Path)
+    p.add_argument("--fps", type=int, default=12)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--method", default="lightningcp")
+    p.add_argument("--json", type=Path)
+    p.add_argument("schedules", nargs="*", default=list(DEFAULT_SCHEDULES))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    exp = Experiment(
+        args.model,
+        args.weights,
+        args.face,
+        args.audio,
+        fps=args.fps,
+        steps=args.steps,
+        device=args.device,
+    )
+    makers: dict[str, SamplerMaker | None] = {"none": None}
+    for s in args.schedules:
+        makers[s] = lightningcp_maker(parse_schedule(s), args.method)
+    results = exp.compare(makers, args.repeats)
+    rows = [r.to_dict() for r in results]
+    header = (
+        f"{'schedule':40s} {'keys':>4s} {'denoise x':>9s} {'PSNR':>6s} {'mouth':>6s} {'SSIM':>6s}"
+    )
+    print(
+        f"{exp.model.spec.name}, {exp.denoise_config.steps} steps, {exp.num_frames} frames, "
+        f"random weights: {exp.model.random_weights}"
+    )
+    print(header)
+    for r in rows:
+        keys = len(r.get("key_steps") or []) or exp.denoise_config.steps
+        print(
+            f"{r['name']:40s} {keys:4d} {r['speedup']:9.2f} {r.get('psnr', float('nan')):6.2f} "
+            f"{r.get('psnr_mouth', float('nan')):6.2f} {r.get('ssim', float('nan')):6.4f}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
