@@ -15,62 +15,11 @@ import torch
 from diffusers import DDIMScheduler
 from safetensors.torch import load_file
 
-from lightningcp_cli.models.face_locator import FaceLocatorConfig
 from lightningcp_cli.models.loading import load_model_weights
-from lightningcp_cli.models.registry import ModelSpec
-from lightningcp_cli.models.unet import UNetConfig
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 TOL = 1e-4
 CFG_SCALE = 2.5
-
-
-def golden_spec() -> ModelSpec:
-    cfg = json.loads((GOLDEN / "config.json").read_text())
-    eff = cfg["denoising_unet"]["effective_config"]
-    mm = eff["motion_module_kwargs"]
-    fl = cfg["face_locator"]
-    n = len(eff["block_out_channels"])
-    unet = UNetConfig(
-        in_channels=eff["in_channels"],
-        out_channels=eff["out_channels"],
-        block_out_channels=tuple(eff["block_out_channels"]),
-        attention_blocks=tuple(t.startswith("CrossAttn") for t in eff["down_block_types"]),
-        layers_per_block=eff["layers_per_block"],
-        attention_heads=eff["attention_head_dim"],  # diffusers' name for the head count
-        norm_num_groups=eff["norm_num_groups"],
-        norm_eps=eff["norm_eps"],
-        cross_attention_dim=eff["cross_attention_dim"],
-        audio_scale=3.0,
-        flip_sin_to_cos=eff["flip_sin_to_cos"],
-        freq_shift=eff["freq_shift"],
-        downsample_padding=eff["downsample_padding"],
-        motion_heads=mm["num_attention_heads"],
-        motion_max_len=mm["temporal_position_encoding_max_len"],
-        motion_norm_groups=cfg["notes"]["motion_module_groupnorm_groups"],
-        motion_resolutions=tuple(eff["motion_module_resolutions"]),
-        motion_mid_block=eff["motion_module_mid_block"],
-    )
-    assert n == 4
-    return ModelSpec(
-        name="golden",
-        description="reduced EchoMimic v1 of the golden test vector",
-        unet=unet,
-        face_locator=FaceLocatorConfig(
-            out_channels=fl["conditioning_embedding_channels"],
-            conditioning_channels=fl["conditioning_channels"],
-            block_out_channels=tuple(fl["block_out_channels"]),
-        ),
-        audio_encoder="whisper-tiny",
-        codec="sd-vae",
-        codec_factor=8,
-        latent_channels=4,
-        resolution=128,
-        fps=24,
-        steps=30,
-        guidance=CFG_SCALE,
-        bank_dtype="float16",
-    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -89,8 +38,8 @@ def io() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def nets():
-    return load_model_weights(golden_spec(), GOLDEN, "cpu", torch.float32)
+def nets(golden_spec):  # the reduced spec of golden/config.json (conftest.py)
+    return load_model_weights(golden_spec, GOLDEN, "cpu", torch.float32)
 
 
 @pytest.fixture(scope="module")
