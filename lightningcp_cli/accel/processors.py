@@ -152,33 +152,15 @@ class AccelReferenceAttnProcessor(_DFAMixin, ReferenceAttnProcessor):
         tokens = hidden_states.shape[1]
         index = self._foreground(call, tokens) if action == "reuse" else None
         if index is None:
-            out = self._attention(attn, hidden_states, kb, vb, ctx)
+            out = self.attend(attn, hidden_states, kb, vb, ctx)
             if action == "record":
                 self.store.store(call.slot, out, ctx.batch_size)
             return out
         x = gather_tokens(hidden_states, index)
         if kb is not None and call.dfa.reference and kb.shape[1] == tokens:
             kb, vb = gather_tokens(kb, index), gather_tokens(vb, index)
-        out = self._attention(attn, x, kb, vb, ctx)
+        out = self.attend(attn, x, kb, vb, ctx)
         return self._reuse(call, ctx.batch_size, out, index, 1)
-
-    @staticmethod
-    def _attention(attn, x, kb, vb, ctx: UNetContext) -> torch.Tensor:
-        """``ReferenceAttnProcessor``'s math with given bank keys/values (None: no bank)."""
-        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-        if kb is None:
-            out = _attend(attn, q, k, v)
-        else:
-            frames = ctx.num_frames
-            with_bank = ReferenceAttnProcessor._with_bank
-            if ctx.plain_select is None:
-                out = with_bank(attn, q, k, v, kb, vb, frames)
-            else:
-                rs, ps = ctx.ref_select, ctx.plain_select
-                out = torch.empty_like(q)
-                out[ps] = _attend(attn, q[ps], k[ps], v[ps])
-                out[rs] = with_bank(attn, q[rs], k[rs], v[rs], kb, vb, frames)
-        return attn.to_out[1](attn.to_out[0](out))
 
 
 class AccelAudioAttnProcessor(_DFAMixin, AudioAttnProcessor):

@@ -249,29 +249,39 @@ class ReferenceAttnProcessor:
         **kwargs: Any,
     ) -> torch.Tensor:
         _no_mask(attention_mask)
-        q = attn.to_q(hidden_states)
-        k = attn.to_k(hidden_states)
-        v = attn.to_v(hidden_states)
-        bank = None
+        kb = vb = None
         if ctx is not None and ctx.bank is not None and ctx.ref_select is not None:
             bank = ctx.bank.get(self.name)
-        if bank is None:
+            if bank is not None:
+                bank = bank.to(device=hidden_states.device, dtype=hidden_states.dtype)
+                if bank.shape[0] != 1:
+                    bank = bank[ctx.ref_batch_select]
+                kb, vb = attn.to_k(bank), attn.to_v(bank)
+        return self.attend(attn, hidden_states, kb, vb, ctx)
+
+    @staticmethod
+    def attend(
+        attn: Attention,
+        x: torch.Tensor,
+        kb: torch.Tensor | None,
+        vb: torch.Tensor | None,
+        ctx: UNetContext | None,
+    ) -> torch.Tensor:
+        """The attention math given the bank's keys/values (None: plain self-attention);
+        accelerations call it with cached or foreground-cut keys/values."""
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        if kb is None or ctx is None:
             out = _attend(attn, q, k, v)
+        elif ctx.plain_select is None:
+            out = ReferenceAttnProcessor._with_bank(attn, q, k, v, kb, vb, ctx.num_frames)
         else:
-            bank = bank.to(device=q.device, dtype=q.dtype)
-            if bank.shape[0] != 1:
-                bank = bank[ctx.ref_batch_select]
-            kb, vb = attn.to_k(bank), attn.to_v(bank)
-            frames = ctx.num_frames
-            if ctx.plain_select is None:
-                out = self._with_bank(attn, q, k, v, kb, vb, frames)
-            else:
-                rs, ps = ctx.ref_select, ctx.plain_select
-                out = torch.empty_like(q)
-                out[ps] = _attend(attn, q[ps], k[ps], v[ps])
-                out[rs] = self._with_bank(attn, q[rs], k[rs], v[rs], kb, vb, frames)
-        out = attn.to_out[0](out)
-        return attn.to_out[1](out)
+            rs, ps = ctx.ref_select, ctx.plain_select
+            out = torch.empty_like(q)
+            out[ps] = _attend(attn, q[ps], k[ps], v[ps])
+            out[rs] = ReferenceAttnProcessor._with_bank(
+                attn, q[rs], k[rs], v[rs], kb, vb, ctx.num_frames
+            )
+        return attn.to_out[1](attn.to_out[0](out))
 
     @staticmethod
     def _with_bank(attn, q, k, v, kb, vb, frames: int) -> torch.Tensor:
