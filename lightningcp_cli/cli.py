@@ -291,6 +291,9 @@ def bench(
     report: Annotated[
         Path | None, typer.Option("--out", help="Also write the report as Markdown here.")
     ] = None,
+    chart: Annotated[
+        Path | None, typer.Option(help="Also write a speed-vs-fidelity chart (PNG) here.")
+    ] = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
@@ -301,7 +304,7 @@ def bench(
     face crop) and peak memory.
     """
     from . import api
-    from .bench.runner import BenchRequest, report_markdown, run_bench
+    from .bench.runner import BenchRequest, plot_speed_fidelity, report_markdown, run_bench
 
     with _reported_errors():
         ex_face, ex_audio = api.example_inputs()
@@ -314,6 +317,8 @@ def bench(
         md = report_markdown(rep)
         if report is not None:
             api.write_text_atomic(report, md)
+        if chart is not None:
+            plot_speed_fidelity(rep, chart)
     if as_json:
         _print_json(rep.to_dict())
         return

@@ -92,8 +92,8 @@ def test_info_json(tmp_path):
     assert data["cache"]["dir"] == str(tmp_path)
 
 
-def test_bench_json_and_report(tmp_path):
-    report = tmp_path / "report.md"
+def test_bench_json_report_and_chart(tmp_path):
+    report, chart = tmp_path / "report.md", tmp_path / "chart.png"
     proc = run_lcp(
         "bench",
         FACE,
@@ -104,16 +104,22 @@ def test_bench_json_and_report(tmp_path):
         "4",
         "--quiet",
         "--json",
+        "--accel",
+        "lightningcp",
         "--out",
         report,
+        "--chart",
+        chart,
         cache_dir=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    assert data["results"][0]["method"] == "none"
+    assert [r["method"] for r in data["results"]] == ["none", "lightningcp"]
     assert data["results"][0]["denoise_s"] > 0
+    assert {"psnr", "ssim", "psnr_face", "ssim_face"} <= set(data["results"][1]["fidelity"])
     assert data["steps"] == 1 and data["command"].startswith("lcp bench")
     assert "| none |" in report.read_text()
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_profile_with_trace(tmp_path):

@@ -239,3 +239,35 @@ def _fmt(fidelity: dict[str, float], key: str) -> str:
     if key not in fidelity:
         return "—"
     return f"{fidelity[key]:.4f}" if key.startswith("ssim") else f"{fidelity[key]:.2f}"
+
+
+def plot_speed_fidelity(report: BenchReport, path: Path) -> Path:
+    """PNG: denoise speedup (x) against PSNR vs the baseline (y), one point per method."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for r in report.results:
+        psnr = r.fidelity.get("psnr")
+        if psnr is None:  # the baseline: no fidelity against itself
+            ax.axvline(r.denoise_speedup, color="grey", lw=0.8, ls="--")
+            continue
+        ax.scatter(r.denoise_speedup, psnr)
+        ax.annotate(r.method, (r.denoise_speedup, psnr), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)  # fmt: skip
+    weights = " (RANDOM weights)" if report.random_weights else ""
+    ax.set_title(f"{report.model}{weights}, {report.steps} steps, {report.frames} frames")
+    ax.set_xlabel("denoise speedup over the baseline (x)")
+    ax.set_ylabel("PSNR vs baseline frames (dB)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.lcp-tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
