@@ -22,10 +22,12 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from lightningcp_cli.accel.lightningcp import LightningCPSampler
-from lightningcp_cli.accel.sweep import Experiment
+from lightningcp_cli.accel.sweep import (
+    Experiment,
+    add_experiment_arguments,
+    experiment_from_args,
+)
 from lightningcp_cli.config import LightningCPConfig
 
 
@@ -41,30 +43,13 @@ def dropping(layers: tuple[str, ...]):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="lcp-tiny")
-    p.add_argument("--weights", type=Path)
-    p.add_argument("--face", type=Path)
-    p.add_argument("--audio", type=Path)
-    p.add_argument("--fps", type=int, default=12)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1)
+    add_experiment_arguments(p)
     p.add_argument("--repeats", type=int, default=1, help="timed runs per setting")
     p.add_argument("--min-psnr", type=float, default=35.0, help="cumulative drop stops below")
     p.add_argument("--layers", nargs="*", help="bank keys to test (default: all)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-
-    exp = Experiment(
-        args.model,
-        args.weights,
-        args.face,
-        args.audio,
-        fps=args.fps,
-        steps=args.steps,
-        device=args.device,
-    )
+    exp = experiment_from_args(args)
     keys = tuple(args.layers or exp.model.denoiser.bank_keys)
     unknown = sorted(set(keys) - set(exp.model.denoiser.bank_keys))
     if unknown:

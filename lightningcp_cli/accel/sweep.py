@@ -212,8 +212,8 @@ DEFAULT_SCHEDULES = (
 )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every denoise-only experiment script takes (model, inputs, device)."""
     p.add_argument("--model", default="lcp-tiny")
     p.add_argument("--weights", type=Path)
     p.add_argument("--face", type=Path)
@@ -222,13 +222,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--steps", type=int)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--method", default="lightningcp")
-    p.add_argument("--json", type=Path)
-    p.add_argument("schedules", nargs="*", default=list(DEFAULT_SCHEDULES))
-    args = p.parse_args(argv)
+
+
+def experiment_from_args(args: argparse.Namespace) -> Experiment:
     torch.set_num_threads(args.threads)
-    exp = Experiment(
+    return Experiment(
         args.model,
         args.weights,
         args.face,
@@ -237,6 +235,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         steps=args.steps,
         device=args.device,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_experiment_arguments(p)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--method", default="lightningcp")
+    p.add_argument("--json", type=Path)
+    p.add_argument("schedules", nargs="*", default=list(DEFAULT_SCHEDULES))
+    args = p.parse_args(argv)
+    exp = experiment_from_args(args)
     makers: dict[str, SamplerMaker | None] = {"none": None}
     for s in args.schedules:
         makers[s] = lightningcp_maker(parse_schedule(s), args.method)
