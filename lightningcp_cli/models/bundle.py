@@ -82,9 +82,42 @@ def bundled_weights_dir(spec: ModelSpec) -> Path | None:
     return folder if (folder / "denoising_unet.safetensors").is_file() else None
 
 
-def _audio_encoder(spec: ModelSpec, folder: Path | None) -> AudioEncoder:
+WHISPER_STEM = "audio_processor/whisper_tiny"  # + .pt or .safetensors, in the weights folder
+
+
+def _audio_encoder(
+    spec: ModelSpec,
+    folder: Path | None,
+    device: torch.device = torch.device("cpu"),
+    dtype: torch.dtype = torch.float32,
+) -> AudioEncoder:
+    """The spec's audio encoder.  whisper-tiny runs in float32 on CPU and, like EchoMimic's
+    ``transcribe`` default, in float16 on a GPU unless float32 is asked for."""
     if spec.audio_encoder == "mel":
         return MelAudioEncoder(n_mels=spec.unet.cross_attention_dim)
+    if spec.audio_encoder == "whisper-tiny":
+        from .whisper import load_whisper_encoder
+
+        if folder is None:
+            raise ModelLoadError(
+                f"{spec.name}: whisper-tiny audio encoder needs a weights folder "
+                f"({WHISPER_STEM}.pt); pass --weights DIR"
+            )
+        candidates = [folder / f"{WHISPER_STEM}{s}" for s in (".pt", ".safetensors")]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise ModelLoadError(
+                f"{candidates[0]}: whisper-tiny audio encoder not found "
+                f"(expected {WHISPER_STEM}.pt or .safetensors in {folder})"
+            )
+        fp32 = device.type == "cpu" or dtype == torch.float32
+        encoder = load_whisper_encoder(path, device, torch.float32 if fp32 else torch.float16)
+        if encoder.dim != spec.unet.cross_attention_dim:
+            raise ModelLoadError(
+                f"{path}: whisper encoder is {encoder.dim} wide, model {spec.name} takes "
+                f"{spec.unet.cross_attention_dim}-wide audio tokens"
+            )
+        return encoder
     raise ModelLoadError(
         f"{spec.name}: audio encoder {spec.audio_encoder!r} is not available in this version"
     )
@@ -107,6 +140,7 @@ def load_model(
         if not weights.is_dir():
             raise ModelLoadError(f"{weights}: expected a folder of weight files")
     folder = weights or bundled_weights_dir(spec)
+    audio_encoder = _audio_encoder(spec, folder, dev, torch_dtype)  # small: fail early
     torch.manual_seed(seed)  # random init (no weights) is reproducible
     nets = load_model_weights(spec, folder, dev, torch_dtype)
     if nets.random_weights:
@@ -123,7 +157,7 @@ def load_model(
         denoiser=nets.denoiser.eval(),
         face_locator=nets.face_locator.eval(),
         codec=codec,
-        audio_encoder=_audio_encoder(spec, folder),
+        audio_encoder=audio_encoder,
         device=dev,
         dtype=torch_dtype,
         random_weights=nets.random_weights,
