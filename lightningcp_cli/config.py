@@ -83,6 +83,7 @@ class DenoiseConfig:
     seed: int = 420
     noise_clamp: float = 1.5  # initial noise clamped to +-this (EchoMimic)
     bank_dtype: str | None = None  # reference bank storage dtype; None = model dtype
+    prediction_type: str | None = None  # what the denoiser outputs; None = the model's
 
     def __post_init__(self) -> None:
         _check(self.steps is None or 1 <= self.steps <= 1000, "steps must be in [1, 1000]")

@@ -289,3 +289,19 @@ def test_dct_codec_round_trip_on_a_real_face_crop():
     assert 28.0 < psnr < 45.0  # lossy (16 of 64 frequencies) but faithful
     smooth = torch.nn.functional.avg_pool2d(x, 8).repeat_interleave(8, 2).repeat_interleave(8, 3)
     assert torch.allclose(codec.decode(codec.encode(smooth)), smooth, atol=1e-5)  # DC exact
+
+
+def test_decode_adds_the_latent_origin() -> None:
+    """Reference-relative latents (lcp-tiny) decode to the same frames as absolute ones."""
+    from lightningcp_cli.models.codec import DctCodec
+
+    codec = DctCodec()
+    gen = torch.Generator().manual_seed(0)
+    origin = torch.randn(1, codec.channels, 4, 4, generator=gen)
+    latents = torch.randn(1, codec.channels, 3, 4, 4, generator=gen) * 0.1
+    relative = list(decode_frames(codec, latents, origin=origin))
+    absolute = list(decode_frames(codec, latents + origin[:, :, None]))
+    assert all(np.array_equal(a, b) for a, b in zip(relative, absolute, strict=True))
+    assert not np.array_equal(relative[0], next(decode_frames(codec, latents)))
+    with pytest.raises(ValueError, match="origin"):
+        decode_frames(codec, latents, origin=origin[:, :, :2])

@@ -254,7 +254,8 @@ def test_named_specs():
     assert acc.unet == full.unet and full.bank_dtype == "float16"
     assert full.unet.cross_attention_dim == 384 and full.unet.audio_scale == 3.0
     assert tiny.latent_channels == 48 and tiny.latent_size == 16 and tiny.bank_dtype is None
-    assert tiny.codec == "dct" and tiny.unet.block_out_channels[0] > tiny.latent_channels
+    assert tiny.codec == "dct" and tiny.latent_origin == "reference"
+    assert tiny.prediction_type == "sample" and full.prediction_type == "v_prediction"
     assert tiny.face_locator.downsample_factor == tiny.codec_factor
     with pytest.raises(ConfigError, match="echomimic-v1.*lcp-tiny"):
         get_model_spec("nope")
@@ -266,8 +267,8 @@ def test_config_validation():
     with pytest.raises(ValueError, match="attention_blocks"):
         UNetConfig(block_out_channels=(32, 64))
     with pytest.raises(ValueError, match="face locator downsamples by 4, the codec by 8"):
-        replace(get_model_spec("lcp-tiny"), face_locator=FaceLocatorConfig(64, 1, (8, 16, 32)))
-    with pytest.raises(ValueError, match="face locator gives 32 channels"):
-        replace(get_model_spec("lcp-tiny"), face_locator=FaceLocatorConfig(32, 1, (8, 16, 32, 64)))
+        replace(get_model_spec("lcp-tiny"), face_locator=FaceLocatorConfig(32, 1, (8, 16, 32)))
+    with pytest.raises(ValueError, match="face locator gives 64 channels"):
+        replace(get_model_spec("lcp-tiny"), face_locator=FaceLocatorConfig(64, 1, (8, 16, 32, 64)))
     with pytest.raises(ValueError, match="latent_channels"):
         replace(get_model_spec("echomimic-v1"), latent_channels=8)

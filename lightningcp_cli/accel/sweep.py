@@ -87,6 +87,7 @@ class Experiment:
             context_frames=spec.context_frames,
             context_overlap=spec.context_overlap,
             seed=seed,
+            prediction_type=spec.prediction_type,
         )
         self._mouth = _box(self.face.mouth_mask)
 
@@ -119,8 +120,10 @@ class Experiment:
 
     def frames(self, latents: torch.Tensor) -> list[np.ndarray]:
         from ..stages.decode import decode_frames
+        from ..stages.reference import latent_origin
 
-        return list(decode_frames(self.model.codec, latents))
+        origin = latent_origin(self.model, self.reference)
+        return list(decode_frames(self.model.codec, latents, origin=origin))
 
     def fidelity(self, ref: list[np.ndarray], test: list[np.ndarray]) -> dict[str, float]:
         from ..bench.metrics import psnr, video_fidelity

@@ -1,14 +1,15 @@
 """Latent codecs: images in [-1, 1] <-> the latent grid the diffusion model works on.
 
-Two kinds share one small protocol (:class:`LatentCodec`):
+Three kinds share one small protocol (:class:`LatentCodec`):
 
 - :class:`PixelCodec` is weight-free and exactly invertible: latents are the image's
-  ``factor`` x ``factor`` pixel blocks folded into channels (``pixel_unshuffle``).  The
-  bundled tiny model and the tests use it.
+  ``factor`` x ``factor`` pixel blocks folded into channels (``pixel_unshuffle``).  Tests
+  use it.
+- :class:`DctCodec` is weight-free and JPEG-like; the bundled lcp-tiny uses it.
 - :class:`VaeCodec` wraps a diffusers ``AutoencoderKL`` (EchoMimic: sd-vae-ft-mse,
   latents scaled by 0.18215).
 
-Both take and give float tensors; callers move data to the codec's device and dtype
+All take and give float tensors; callers move data to the codec's device and dtype
 with :func:`image_to_tensor` and back with :func:`tensor_to_images`.
 """
 
@@ -124,10 +125,10 @@ class DctCodec:
     each ``factor x factor`` block of each RGB channel, scaled to unit variance.
 
     Why not raw pixels: a pixel-unshuffled patch has ``3 * factor**2`` channels (192 at
-    factor 8), more than a small UNet's first layer is wide, so the network cannot tell
-    per-pixel noise from signal and never learns the low-noise steps.  Keeping 16
-    frequencies per channel (48 latent channels) drops only detail finer than a face
-    crop needs: the round trip reaches ~31 dB PSNR on 128 px face crops.
+    factor 8), and a small UNet trained with v-prediction on them never learned the
+    low-noise steps (measured).  Keeping 16 frequencies per channel (48 latent
+    channels) drops only detail finer than a face crop needs: the round trip reaches
+    ~31 dB PSNR on 128 px face crops.
     """
 
     factor: int = 8

@@ -121,24 +121,35 @@ def resize_output(frame: np.ndarray, height: int | None) -> np.ndarray:
 
 
 def decode_frames(
-    codec: LatentCodec, latents: torch.Tensor, batch: int = 1
+    codec: LatentCodec,
+    latents: torch.Tensor,
+    batch: int = 1,
+    origin: torch.Tensor | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield the decoded crop frames (HxWx3 uint8) of ``latents [1, C, F, h, w]`` in order.
 
-    Lazy: ``batch`` frames are decoded per codec call, only when the consumer asks for
-    them, so peak memory is one batch of frames whatever the video length.
+    ``origin`` (``[1, C, h, w]``, see :func:`~.reference.latent_origin`) is added to every
+    frame's latent before decoding.  Lazy: ``batch`` frames are decoded per codec call,
+    only when the consumer asks for them, so peak memory is one batch of frames whatever
+    the video length.
     """
     if latents.ndim != 5 or latents.shape[0] != 1:
         raise ValueError(f"expected latents [1, C, F, h, w], got {tuple(latents.shape)}")
     if batch < 1:
         raise ValueError(f"decode batch must be >= 1, not {batch}")
-    return _decode_iter(codec, latents, batch)  # checks above run now, decoding later
+    if origin is not None and tuple(origin.shape) != (1, *latents.shape[1:2], *latents.shape[3:]):
+        raise ValueError(f"latent origin {tuple(origin.shape)} does not fit {tuple(latents.shape)}")
+    return _decode_iter(codec, latents, batch, origin)  # checks above run now, decoding later
 
 
-def _decode_iter(codec: LatentCodec, latents: torch.Tensor, batch: int) -> Iterator[np.ndarray]:
+def _decode_iter(
+    codec: LatentCodec, latents: torch.Tensor, batch: int, origin: torch.Tensor | None
+) -> Iterator[np.ndarray]:
     num_frames = latents.shape[2]
     for start in range(0, num_frames, batch):
         chunk = latents[0, :, start : start + batch].permute(1, 0, 2, 3)
+        if origin is not None:
+            chunk = chunk + origin.to(chunk.device, chunk.dtype)
         with torch.inference_mode():
             images = codec.decode(chunk)
         yield from tensor_to_images(images)
@@ -152,6 +163,7 @@ def render_frames(
     out_height: int | None = None,
     *,
     batch: int = 1,
+    origin: torch.Tensor | None = None,
 ) -> Iterator[np.ndarray]:
     """Full-size output frames ready for the video writer: decode, paste back, resize.
 
@@ -159,7 +171,7 @@ def render_frames(
     ``ValueError`` when the decoded frames do not match the analysis' crop resolution.
     """
     res = analysis.resolution
-    frames = decode_frames(codec, latents, batch=batch)
+    frames = decode_frames(codec, latents, batch=batch, origin=origin)
     h, w = latents.shape[-2] * codec.factor, latents.shape[-1] * codec.factor
     if (h, w) != (res, res):
         raise ValueError(f"latents decode to {w}x{h} frames, the face crop is {res}x{res}")

@@ -360,10 +360,10 @@ def denoise(
     feature bank, passed to the model as is (its storage dtype, e.g. EchoMimic's float16
     rounding, is the ReferenceNet's ``bank_dtype``).  ``cfg`` is a resolved ``DenoiseConfig``
     (``steps``, ``guidance``, ``context_frames``, ``context_overlap``, ``seed``,
-    ``noise_clamp``); ``latent_shape`` is ``(C, h, w)``.  ``guidance <= 1`` runs one
-    conditional batch row instead of classifier-free guidance.  ``scheduler`` defaults to
-    :func:`make_scheduler`; ``sampler`` (wrapping ``denoiser``) to a plain
-    :class:`Sampler`.
+    ``noise_clamp``, ``prediction_type``); ``latent_shape`` is ``(C, h, w)``.
+    ``guidance <= 1`` runs one conditional batch row instead of classifier-free guidance.
+    ``scheduler`` defaults to :func:`make_scheduler`; ``sampler`` (wrapping ``denoiser``)
+    to a plain :class:`Sampler`.
 
     Steps run in the groups ``sampler.next_group`` plans (see :class:`StepGroup`); the
     window layout of a group is that of its lead step.
@@ -383,7 +383,12 @@ def denoise(
     elif sampler.denoiser is not denoiser:
         raise ValueError("denoise: the sampler wraps a different denoiser")
     if scheduler is None:
-        scheduler = make_scheduler()
+        scheduler = make_scheduler(cfg.prediction_type or "v_prediction")
+    elif cfg.prediction_type and scheduler.config.prediction_type != cfg.prediction_type:
+        raise ValueError(
+            f"denoise: the scheduler expects {scheduler.config.prediction_type}, "
+            f"the model predicts {cfg.prediction_type}"
+        )
 
     num_frames = audio_tokens.shape[0]
     channels, height, width = latent_shape

@@ -1,4 +1,4 @@
-"""Trainer of the bundled ``lcp-tiny`` model: v-prediction diffusion on the data engine's clips.
+"""Trainer of the bundled ``lcp-tiny`` model: diffusion on the data engine's clips.
 
 The recipe (:class:`TrainConfig`) is sized to run on a 2-core CPU in under 90 minutes; a
 GPU runs the same recipe faster.  Every ``checkpoint_every`` steps the full state
@@ -45,7 +45,7 @@ class TrainConfig:
     """The whole recipe of the shipped weights; change it and the weights change."""
 
     model: str = "lcp-tiny"
-    steps: int = 3000
+    steps: int = 4000
     batch_size: int = 4
     num_frames: int = 8  # clip length (frames); inference windows are longer (12)
     lr: float = 3e-4
@@ -107,7 +107,7 @@ class Trainer:
         self.ema = {k: v.detach().clone() for k, v in self.nets.state_dict().items()}
         params = [p for p in self.nets.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        self.scheduler = make_scheduler()
+        self.scheduler = make_scheduler(self.spec.prediction_type)
         self.alphas = self.scheduler.alphas_cumprod.to(self.device)
         synth = SynthesisConfig(num_frames=config.num_frames, fps=self.spec.fps)
         self.data = TalkingFaceDataset.from_folder(
@@ -133,7 +133,10 @@ class Trainer:
         b, f = frames.shape[:2]
         x0 = self.codec.encode(frames.flatten(0, 1))  # [(B F), C, h, w]
         x0 = x0.unflatten(0, (b, f)).permute(0, 2, 1, 3, 4)  # [B, C, F, h, w]
-        bank = self.nets["reference_unet"](self.codec.encode(ref))
+        ref_latents = self.codec.encode(ref)  # [B, C, h, w]
+        if spec.latent_origin == "reference":
+            x0 = x0 - ref_latents[:, :, None]
+        bank = self.nets["reference_unet"](ref_latents)
         face = self.nets["face_locator"](batch["face_mask"].to(dev)[:, :, None])
         audio = batch["audio"].to(dev)
 
@@ -146,7 +149,11 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=generator).to(dev)
         a = self.alphas[t].view(b, 1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v-prediction
+        target = {
+            "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0,
+            "sample": x0,
+            "epsilon": noise,
+        }[spec.prediction_type]
         pred = self.nets["denoising_unet"](noisy, t, audio, face, bank, keep)
 
         factor = spec.codec_factor
@@ -296,7 +303,7 @@ def plot_losses(losses: list[tuple[int, float]], path: Path) -> None:
     steps, values = zip(*losses, strict=True)
     ax.plot(steps, values)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (v-prediction MSE, mouth-weighted)")
+    ax.set_ylabel("loss (MSE of the prediction, mouth-weighted)")
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
