@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lcp-installed
 
-.PHONY: install demo test lint format bench profile clean train-demo
+.PHONY: install demo test lint format bench profile eval clean train-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ bench: $(STAMP)
 
 profile: $(STAMP)
 	$(BIN)/lcp profile examples/face.png examples/speech.wav --trace benchmarks/trace.json
+
+# Quality of the bundled model (README "Model card"): held-out corpus clips + the example.
+eval: $(STAMP)
+	test -f build/corpus/corpus.json || $(BIN)/python -m lightningcp_cli.train.corpus build/corpus \
+	  $(if $(wildcard ../shared/data/speech/walden.wav),--heldout-speech ../shared/data/speech/walden.wav ../shared/data/speech/jane.wav)
+	$(BIN)/lcp eval --corpus build/corpus --example --json > build/eval.json.tmp
+	mv build/eval.json.tmp build/eval.json
+	@echo "scores: build/eval.json"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache out.mp4

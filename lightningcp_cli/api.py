@@ -13,7 +13,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,7 +35,7 @@ from .stages.decode import decode_frames, paste_back, resize_output
 from .stages.denoise import denoise
 from .stages.face import FaceAnalysis, analyze_face, load_image
 from .stages.mux import VideoWriter, check_output_path
-from .stages.reference import compute_reference
+from .stages.reference import compute_reference, latent_origin
 
 __all__ = [
     "RenderRequest",
@@ -122,6 +122,7 @@ def resolve_denoise(cfg: RenderConfig, spec: ModelSpec) -> DenoiseConfig:
         steps=d.steps if d.steps is not None else spec.steps,
         guidance=d.guidance if d.guidance is not None else spec.guidance,
         bank_dtype=d.bank_dtype if d.bank_dtype is not None else spec.bank_dtype,
+        prediction_type=d.prediction_type or spec.prediction_type,
     )
 
 
@@ -205,7 +206,8 @@ def render(
         crops: list[np.ndarray] | None = [] if keep_frames else None
         with ExitStack() as stack:
             writer: VideoWriter | None = None
-            for i, crop in enumerate(timer.timed("decode", decode_frames(model.codec, latents))):
+            crops_iter = decode_frames(model.codec, latents, origin=latent_origin(model, ref))
+            for i, crop in enumerate(timer.timed("decode", crops_iter)):
                 with timer("decode"):
                     frame = resize_output(paste_back(crop, face, cfg.face.feather), out_height)
                 with timer("mux"):
@@ -367,4 +369,53 @@ def train(
         "checkpoint": str(trainer.checkpoint_path),
         "loss_curve": str(out_dir / "loss.png"),
         "weights": [str(p) for p in files],
+    }
+
+
+def evaluate(
+    *,
+    corpus: Path | None = None,
+    portraits: Sequence[tuple[Path, Path]] = (),
+    config: Any = None,
+    model: str = "lcp-tiny",
+    weights: Path | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    videos: Path | None = None,
+    on_progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Quality scores (``lcp eval``): held-out ``corpus`` clips and/or ``portraits``
+    (``(face, speech)`` pairs).  ``videos``: folder to keep the portrait renders in.
+
+    Returns ``{"model", "weights", "config", "heldout": {...} | None, "portraits": [...]}``.
+    """
+    from .bench.evaluate import EvalConfig, eval_heldout, eval_portrait
+
+    cfg = config or EvalConfig()
+    m = load_model(model, weights, device, dtype)
+    for face, speech in portraits:
+        _require_file(Path(face), "face image")
+        _require_file(Path(speech), "audio")
+    heldout = None
+    if corpus is not None:
+        corpus = Path(corpus)
+        if not (corpus / "corpus.json").is_file():
+            raise InputNotFoundError(
+                f"{corpus}: no corpus here "
+                f"(build it: python -m lightningcp_cli.train.corpus {corpus})"
+            )
+        heldout = eval_heldout(m, corpus, cfg, on_progress)
+    rows = []
+    for i, (face, speech) in enumerate(portraits):
+        video = None
+        if videos is not None:
+            Path(videos).mkdir(parents=True, exist_ok=True)
+            video = Path(videos) / f"{i:02d}_{Path(face).stem}_{Path(speech).stem}.mp4"
+        rows.append(eval_portrait(m, Path(face), Path(speech), cfg, video=video))
+    return {
+        "model": m.spec.name,
+        "weights": "random" if m.random_weights else m.weights_id,
+        "config": asdict(cfg),
+        "heldout": heldout,
+        "portraits": rows,
     }

@@ -8,12 +8,14 @@ line on stderr and a distinct exit code (see ``lcp --help``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,7 +36,10 @@ from rich.table import Table
 from . import __version__
 from .config import (
     ACCEL_METHODS,
+    AccelConfig,
     DenoiseConfig,
+    DFAConfig,
+    LightningCPConfig,
     OutputConfig,
     RenderConfig,
 )
@@ -52,6 +57,7 @@ app = typer.Typer(
     "Typical use: lcp render face.png speech.wav -o out.mp4",
     epilog=EXIT_CODES,
     no_args_is_help=True,
+    rich_markup_mode="markdown",
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
@@ -125,8 +131,19 @@ def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
         yield update
 
 
+def _json_ready(data: Any) -> Any:
+    """NaN/inf (e.g. a lip-sync score of a still mouth) become null: strict JSON."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _json_ready(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_json_ready(v) for v in data]
+    return data
+
+
 def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(_json_ready(data), indent=2, default=str, allow_nan=False) + "\n")
 
 
 def _version(value: bool) -> None:
@@ -173,8 +190,62 @@ Dtype = Annotated[
     str | None, typer.Option(help="float32, float16 or bfloat16 (default: fp32 CPU, fp16 GPU).")
 ]
 Accel = Annotated[str, typer.Option(help=f"Acceleration: {', '.join(ACCEL_METHODS)}.")]
+_ACCEL_PANEL = "Acceleration settings"
+KeyInterval = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        max=100,
+        help="LightningCP: a key step every N steps (default 3; 1 = no caching).",
+        rich_help_panel=_ACCEL_PANEL,
+    ),
+]
+KeySteps = Annotated[
+    str | None,
+    typer.Option(
+        help="LightningCP: exactly these key steps, e.g. 0,1,2,4,8 (step 0 always is one).",
+        rich_help_panel=_ACCEL_PANEL,
+    ),
+]
+Estimate = Annotated[
+    bool,
+    typer.Option(
+        "--estimate/--no-estimate",
+        help="LightningCP: estimate the input latents of batched non-key steps "
+        "(off: all take the key step's output).",
+        rich_help_panel=_ACCEL_PANEL,
+    ),
+]
+DfaDilate = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        max=1.0,
+        help="DFA: grow the face mask by this fraction of each layer's grid (default 0.1).",
+        rich_help_panel=_ACCEL_PANEL,
+    ),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+def _accel_config(
+    key_interval: int | None, key_steps: str | None, estimate: bool, dfa_dilate: float | None
+) -> AccelConfig:
+    """The acceleration knobs of the command line; the rest keep their defaults."""
+    from .errors import ConfigError
+
+    lcp = LightningCPConfig(estimate=estimate)
+    if key_interval is not None:
+        lcp = replace(lcp, interval=key_interval)
+    if key_steps is not None:
+        try:
+            steps = tuple(int(s) for s in key_steps.split(",") if s.strip())
+        except ValueError:
+            raise ConfigError(f"--key-steps {key_steps!r}: expected integers like 0,2,5") from None
+        lcp = replace(lcp, schedule="list", key_steps=steps)
+    dfa = DFAConfig() if dfa_dilate is None else DFAConfig(dilate=dfa_dilate)
+    return AccelConfig(lightningcp=lcp, dfa=dfa)
 
 
 def _render_config(
@@ -190,6 +261,7 @@ def _render_config(
     accel: str,
     overwrite: bool = False,
     use_cache: bool = True,
+    accel_config: AccelConfig | None = None,
 ) -> RenderConfig:
     return RenderConfig(
         model=model,
@@ -197,6 +269,7 @@ def _render_config(
         device=device,
         dtype=dtype,
         accel=accel,
+        accel_config=accel_config or AccelConfig(),
         use_cache=use_cache,
         denoise=DenoiseConfig(steps=steps, guidance=guidance, seed=seed),
         output=OutputConfig(fps=fps, size=size, overwrite=overwrite),
@@ -221,6 +294,10 @@ def render(
     device: Device = "cpu",
     dtype: Dtype = None,
     accel: Accel = "none",
+    key_interval: KeyInterval = None,
+    key_steps: KeySteps = None,
+    estimate: Estimate = True,
+    dfa_dilate: DfaDilate = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")
     ] = False,
@@ -250,6 +327,7 @@ def render(
             accel,
             overwrite,
             cache,
+            _accel_config(key_interval, key_steps, estimate, dfa_dilate),
         )
         with _progress(quiet) as on_progress:
             result = api.render(
@@ -288,6 +366,10 @@ def bench(
     seed: Seed = 420,
     device: Device = "cpu",
     dtype: Dtype = None,
+    key_interval: KeyInterval = None,
+    key_steps: KeySteps = None,
+    estimate: Estimate = True,
+    dfa_dilate: DfaDilate = None,
     report: Annotated[
         Path | None, typer.Option("--out", help="Also write the report as Markdown here.")
     ] = None,
@@ -304,13 +386,20 @@ def bench(
     face crop) and peak memory.
     """
     from . import api
-    from .bench.runner import BenchRequest, plot_speed_fidelity, report_markdown, run_bench
+    from .bench.runner import (
+        BenchRequest,
+        plot_speed_fidelity,
+        report_markdown,
+        run_bench,
+        summary_table,
+    )
 
     with _reported_errors():
         ex_face, ex_audio = api.example_inputs()
         cfg = _render_config(
-            model, weights, steps, guidance, fps, seed, None, device, dtype, "none"
-        )
+            model, weights, steps, guidance, fps, seed, None, device, dtype, "none",
+            accel_config=_accel_config(key_interval, key_steps, estimate, dfa_dilate),
+        )  # fmt: skip
         req = BenchRequest(face or ex_face, audio or ex_audio, tuple(methods or ACCEL_METHODS), cfg)
         with _progress(quiet) as on_progress:
             rep = run_bench(req, on_progress=on_progress)
@@ -323,30 +412,11 @@ def bench(
         _print_json(rep.to_dict())
         return
     table = Table(title=f"lcp bench: {rep.model}, {rep.steps} steps, {rep.frames} frames")
-    for col in (
-        "method",
-        "denoise s",
-        "total s",
-        "denoise x",
-        "total x",
-        "PSNR",
-        "SSIM",
-        "face PSNR",
-        "face SSIM",
-        "peak MiB",
-    ):
+    header, rows = summary_table(rep)
+    for col in header:
         table.add_column(col, justify="left" if col == "method" else "right")
-    for r in rep.results:
-        f = r.fidelity
-        table.add_row(
-            r.method,
-            f"{r.denoise_s:.2f}",
-            f"{r.total_s:.2f}",
-            f"{r.denoise_speedup:.2f}",
-            f"{r.total_speedup:.2f}",
-            *(f"{f[k]:.4g}" if k in f else "—" for k in ("psnr", "ssim", "psnr_face", "ssim_face")),
-            f"{r.peak_memory_mb:.0f}",
-        )
+    for cells in rows:
+        table.add_row(*cells)
     out.print(table)
     err.print(f"command: {rep.command}\nmachine: {rep.machine}")
 
@@ -370,6 +440,10 @@ def profile(
     device: Device = "cpu",
     dtype: Dtype = None,
     accel: Accel = "none",
+    key_interval: KeyInterval = None,
+    key_steps: KeySteps = None,
+    estimate: Estimate = True,
+    dfa_dilate: DfaDilate = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
@@ -379,8 +453,10 @@ def profile(
 
     with _reported_errors():
         cfg = _render_config(
-            model, weights, steps, guidance, fps, seed, None, device, dtype, accel, overwrite=True
-        )
+            model, weights, steps, guidance, fps, seed, None, device, dtype, accel,
+            overwrite=True,
+            accel_config=_accel_config(key_interval, key_steps, estimate, dfa_dilate),
+        )  # fmt: skip
         with api.output_or_temp(output) as out_path, _progress(quiet) as on_progress:
             rep = run_profile(
                 api.RenderRequest(face, audio, out_path, cfg),
@@ -464,6 +540,101 @@ def train(
         _print_json(summary)
     else:
         out.print(f"weights: {', '.join(summary['weights'])}")
+
+
+@app.command("eval")
+def evaluate(
+    corpus: Annotated[
+        Path | None,
+        typer.Option(help="Data-engine corpus: score its held-out clips against ground truth."),
+    ] = None,
+    faces: Annotated[
+        list[Path] | None,
+        typer.Option("--face", help="Portrait to score; repeatable (pairs with --audio)."),
+    ] = None,
+    audios: Annotated[
+        list[Path] | None, typer.Option("--audio", help="Speech for the --face of the same rank.")
+    ] = None,
+    example: Annotated[
+        bool, typer.Option(help="Also score the bundled example portrait and speech.")
+    ] = False,
+    clips: Annotated[int, typer.Option(min=1, help="Held-out clips to score.")] = 8,
+    frames: Annotated[int, typer.Option(min=3, help="Frames per held-out clip.")] = 48,
+    model: Model = "lcp-tiny",
+    weights: Weights = None,
+    steps: Steps = None,
+    guidance: Guidance = None,
+    accel: Annotated[str, typer.Option(help="Acceleration to score (default: none).")] = "none",
+    device: Device = "cpu",
+    dtype: Dtype = None,
+    videos: Annotated[
+        Path | None, typer.Option(help="Keep the portrait renders (MP4) in this folder.")
+    ] = None,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Score generation quality (not speed).
+
+    Held-out corpus clips (identities and sentences never trained on): PSNR and SSIM
+    against the ground truth and lip sync, the correlation of the mouth opening measured
+    by mediapipe's face mesh with the speech envelope (also of the ground truth, the
+    ceiling).  Portraits: lip sync, identity drift (PSNR outside the mouth vs the
+    portrait) and flicker (mean frame-to-frame change outside the mouth, 0-255).
+    """
+    from . import api
+    from .bench.evaluate import EvalConfig, with_steps
+    from .errors import ConfigError
+
+    with _reported_errors():
+        faces, audios = list(faces or []), list(audios or [])
+        if len(faces) != len(audios):
+            raise ConfigError(f"--face given {len(faces)} times but --audio {len(audios)} times")
+        pairs = list(zip(faces, audios, strict=True))
+        if example:
+            pairs.append(api.example_inputs())
+        if corpus is None and not pairs:
+            raise ConfigError("nothing to score: give --corpus DIR, --face/--audio or --example")
+        cfg = with_steps(EvalConfig(clips=clips, frames=frames, accel=accel), steps, guidance)
+        with _progress(quiet) as on_progress:
+            rep = api.evaluate(
+                corpus=corpus,
+                portraits=pairs,
+                config=cfg,
+                model=model,
+                weights=weights,
+                device=device,
+                dtype=dtype,
+                videos=videos,
+                on_progress=on_progress,
+            )
+    if as_json:
+        _print_json(rep)
+        return
+    if rep["heldout"] is not None:
+        table = Table(title=f"held-out clips ({rep['model']})")
+        keys = ("psnr", "ssim", "lip_sync", "lip_sync_truth", "mouth_motion_sync")
+        for col in ("utterance", "identity", *keys):
+            table.add_column(col, justify="left" if col in ("utterance", "identity") else "right")
+        for r in rep["heldout"]["clips"]:
+            table.add_row(r["utterance"], r["identity"], *(f"{r[k]:.3f}" for k in keys))
+        mean = rep["heldout"]["mean"]
+        table.add_row("mean", "", *(f"{mean[k]:.3f}" for k in keys), style="bold")
+        out.print(table)
+    if rep["portraits"]:
+        table = Table(title=f"portraits ({rep['model']})")
+        for col in ("face", "audio", "frames", "lip sync", "motion sync", "drift dB", "flicker"):
+            table.add_column(col, justify="left" if col in ("face", "audio") else "right")
+        for r in rep["portraits"]:
+            table.add_row(
+                Path(r["face"]).name,
+                Path(r["audio"]).name,
+                str(r["frames"]),
+                f"{r['lip_sync']:.3f}",
+                f"{r['mouth_motion_sync']:.3f}",
+                f"{r['identity_drift_db']:.2f}",
+                f"{r['flicker']:.3f}",
+            )
+        out.print(table)
 
 
 @app.command()

@@ -94,3 +94,27 @@ def golden_bank(golden_io) -> dict[str, torch.Tensor]:
     """The official reference banks (float32, before EchoMimic's float16 cast)."""
     prefix = "ref_bank."
     return {k[len(prefix) :]: v for k, v in golden_io.items() if k.startswith(prefix)}
+
+
+def build_tiny_corpus(folder: Path) -> Path:
+    """The data engine's corpus at test size: the three committed clips (+1 variant each),
+    one held-out clip (``speech_2s.wav``), all five portraits and their morphs; no
+    espeak-ng; every waveform kept.  Seconds to build, deterministic."""
+    from lightningcp_cli.train.dataset import build_corpus
+
+    return build_corpus(
+        folder,
+        seed=3,
+        n_utterances=0,
+        n_heldout=0,
+        clip_variants=1,
+        heldout_clips=[Path(__file__).parent / "data" / "speech_2s.wav"],
+        use_espeak=False,
+        waveforms="all",
+    )
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny corpus (:func:`build_tiny_corpus`) shared by the whole session."""
+    return build_tiny_corpus(tmp_path_factory.mktemp("corpus") / "c")

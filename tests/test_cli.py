@@ -116,7 +116,11 @@ def test_bench_json_report_and_chart(tmp_path):
     data = json.loads(proc.stdout)
     assert [r["method"] for r in data["results"]] == ["none", "lightningcp"]
     assert data["results"][0]["denoise_s"] > 0
-    assert {"psnr", "ssim", "psnr_face", "ssim_face"} <= set(data["results"][1]["fidelity"])
+    assert {"psnr", "ssim", "psnr_face", "ssim_face", "mouth_dist"} <= set(
+        data["results"][1]["fidelity"]
+    )
+    assert all("lip_sync" in r for r in data["results"])
+    assert "mouth dist %" in report.read_text()
     assert data["steps"] == 1 and data["command"].startswith("lcp bench")
     assert "| none |" in report.read_text()
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -141,3 +145,19 @@ def test_profile_with_trace(tmp_path):
     assert data["block_seconds"]["denoiser.mid_block"] > 0
     assert any(k.startswith("denoiser.up_blocks.") for k in data["block_seconds"])
     assert "traceEvents" in json.loads(trace.read_text())
+
+
+def test_acceleration_knobs_reach_the_render(tmp_path):
+    out = tmp_path / "fast.mp4"
+    args = ["render", FACE, SPEECH, "-o", out, *FAST, "--accel", "lightningcp+dfa"]
+    knobs = ["--key-steps", "0,1,3", "--no-estimate", "--dfa-dilate", "0.25"]
+    proc = run_lcp(*args, *knobs, cache_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    accel = json.loads(out.with_name("fast.mp4.json").read_text())["config"]["accel_config"]
+    assert accel["lightningcp"]["schedule"] == "list"
+    assert accel["lightningcp"]["key_steps"] == [0, 1, 3]
+    assert accel["lightningcp"]["estimate"] is False
+    assert accel["dfa"]["dilate"] == 0.25
+    bad = run_lcp(*args, "--overwrite", "--key-steps", "0,two", cache_dir=tmp_path)
+    assert bad.returncode == 16 and "--key-steps" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

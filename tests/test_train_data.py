@@ -23,7 +23,6 @@ from lightningcp_cli.train.dataset import (
     CORPUS_FILES,
     SynthesisConfig,
     TalkingFaceDataset,
-    build_corpus,
 )
 from lightningcp_cli.train.faces import (
     ASSET_PORTRAITS,
@@ -44,33 +43,14 @@ from lightningcp_cli.train.speech import (
     mouth_curves,
 )
 
+from .conftest import build_tiny_corpus
+
 DATA = Path(__file__).parent / "data"
-HELDOUT_CLIP = DATA / "speech_2s.wav"
 STILL = SynthesisConfig(p_head_motion=0.0, blink_interval=(0.0, 0.0))
 
 
 def _digest(folder: Path) -> dict[str, str]:
     return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in CORPUS_FILES}
-
-
-def _build(folder: Path) -> Path:
-    return build_corpus(
-        folder,
-        seed=3,
-        n_utterances=0,
-        n_heldout=0,
-        clip_variants=1,
-        heldout_clips=[HELDOUT_CLIP],
-        use_espeak=False,
-        waveforms="all",
-    )
-
-
-@pytest.fixture(scope="session")
-def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny corpus: the three committed clips (+1 variant each), one held-out clip, all
-    five portraits and their morphs; no espeak-ng."""
-    return _build(tmp_path_factory.mktemp("corpus") / "c")
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +81,7 @@ def test_corpus_is_small_complete_and_deterministic(corpus_dir: Path, tmp_path: 
     assert all((corpus_dir / n).is_file() for n in CORPUS_FILES)
     total = sum((corpus_dir / n).stat().st_size for n in CORPUS_FILES)
     assert total < 40e6
-    again = _build(tmp_path / "again")
+    again = build_tiny_corpus(tmp_path / "again")
     assert _digest(again) == _digest(corpus_dir)
 
 

@@ -2,7 +2,8 @@
 
 Every method renders the same portrait and speech with the same model instance, seed,
 steps and windows, in one process, so the speedups are ratios measured in one run.
-Fidelity is measured against the baseline's frames (whole frame and face crop).
+Fidelity is measured against the baseline's frames (PSNR/SSIM of the whole frame and
+the face crop, mouth-landmark distance); lip sync (see :mod:`.quality`) for every method.
 
 ``fewer-steps`` (a peer: the baseline with fewer DDIM steps at the same wall time) runs
 after every other method: ``fewer-steps@8`` uses 8 steps, ``fewer-steps@<method>`` the
@@ -30,6 +31,13 @@ from ..config import ProgressFn, RenderConfig
 from ..errors import ConfigError
 from ..models.bundle import load_model
 from .metrics import video_fidelity
+from .quality import (
+    correlation,
+    face_meshes,
+    mouth_landmark_distance,
+    openings_of,
+    speech_envelope,
+)
 
 BASELINE = "none"
 #: Methods ``fewer-steps`` matches when given no target, in order of preference.
@@ -54,7 +62,8 @@ class MethodResult:
     peak_memory_mb: float
     denoise_speedup: float = 1.0
     total_speedup: float = 1.0
-    fidelity: dict[str, float] = field(default_factory=dict)  # psnr/ssim, *_face
+    fidelity: dict[str, float] = field(default_factory=dict)  # psnr/ssim, *_face, mouth_dist
+    lip_sync: float = float("nan")  # mouth opening vs speech envelope (see bench.quality)
     steps: int | None = None  # DDIM steps of this run when not the bench's (fewer-steps)
     note: str = ""
 
@@ -108,9 +117,11 @@ def run_bench(request: BenchRequest, *, on_progress: ProgressFn | None = None) -
             )
         results: list[MethodResult] = []
         baseline: tuple[Any, MethodResult] | None = None
+        baseline_meshes: list[Any] = []
+        envelope = speech_envelope(request.audio, cfg.output.fps or model.spec.fps)
 
         def measure(i: int, label: str, mcfg: RenderConfig) -> MethodResult:
-            nonlocal baseline
+            nonlocal baseline, baseline_meshes
             if on_progress:
                 on_progress("bench", i, len(methods))
             t0 = time.perf_counter()
@@ -127,8 +138,10 @@ def run_bench(request: BenchRequest, *, on_progress: ProgressFn | None = None) -
                 total_s=total,
                 peak_memory_mb=res.peak_memory_mb,
             )
+            meshes = face_meshes(res.crop_frames)
+            mr.lip_sync = correlation(openings_of(meshes), envelope[: len(meshes)])
             if baseline is None:
-                baseline = (res, mr)
+                baseline, baseline_meshes = (res, mr), meshes
             else:
                 bres, bmr = baseline
                 mr.denoise_speedup = bmr.denoise_s / mr.denoise_s
@@ -136,6 +149,7 @@ def run_bench(request: BenchRequest, *, on_progress: ProgressFn | None = None) -
                 full = video_fidelity(bres.frames, res.frames)
                 face = video_fidelity(bres.crop_frames, res.crop_frames)
                 mr.fidelity = {**full, **{f"{k}_face": v for k, v in face.items()}}
+                mr.fidelity["mouth_dist"] = mouth_landmark_distance(meshes, baseline_meshes)
             results.append(mr)
             return mr
 
@@ -203,10 +217,22 @@ def report_markdown(report: BenchReport) -> str:
         f"{report.steps} steps, {report.frames} frames at {report.fps} fps",
         "",
     ]
-    stages = sorted({s for r in report.results for s in r.stage_seconds})
+    header, rows = summary_table(report, stages=True)
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    notes = [f"- {r.method}: {r.note}" for r in report.results if r.note]
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(report: BenchReport, stages: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (strings) of the bench table; ``stages``: seconds of every stage
+    instead of the denoise stage alone."""
+    names = sorted({s for r in report.results for s in r.stage_seconds}) if stages else ["denoise"]
     header = [
         "method",
-        *[f"{s} s" for s in stages],
+        *[f"{s} s" for s in names],
         "total s",
         "denoise x",
         "total x",
@@ -214,31 +240,31 @@ def report_markdown(report: BenchReport) -> str:
         "SSIM",
         "face PSNR",
         "face SSIM",
+        "mouth dist %",
+        "lip sync",
         "peak MiB",
     ]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in report.results:
-        f = r.fidelity
-        cells = [
+    rows = [
+        [
             r.method,
-            *[f"{r.stage_seconds.get(s, 0.0):.2f}" for s in stages],
+            *[f"{r.stage_seconds.get(s, 0.0):.2f}" for s in names],
             f"{r.total_s:.2f}",
             f"{r.denoise_speedup:.2f}",
             f"{r.total_speedup:.2f}",
-            *(_fmt(f, k) for k in ("psnr", "ssim", "psnr_face", "ssim_face")),
+            *(_fmt(r.fidelity, k) for k in ("psnr", "ssim", "psnr_face", "ssim_face")),
+            _fmt(r.fidelity, "mouth_dist"),
+            _fmt({"lip_sync": r.lip_sync}, "lip_sync"),
             f"{r.peak_memory_mb:.0f}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    notes = [f"- {r.method}: {r.note}" for r in report.results if r.note]
-    if notes:
-        lines += ["", *notes]
-    return "\n".join(lines) + "\n"
+        for r in report.results
+    ]
+    return header, rows
 
 
-def _fmt(fidelity: dict[str, float], key: str) -> str:
-    if key not in fidelity:
+def _fmt(values: dict[str, float], key: str) -> str:
+    if key not in values or values[key] != values[key]:  # absent or NaN
         return "—"
-    return f"{fidelity[key]:.4f}" if key.startswith("ssim") else f"{fidelity[key]:.2f}"
+    return f"{values[key]:.2f}" if key.startswith(("psnr", "mouth")) else f"{values[key]:.3f}"
 
 
 def plot_speed_fidelity(report: BenchReport, path: Path) -> Path:

@@ -293,7 +293,7 @@ def _ellipse_mask(box: Box, crop_box: Box, resolution: int) -> np.ndarray:
 
 
 @cache
-def _lip_indices() -> np.ndarray:
+def lip_indices() -> np.ndarray:
     from mediapipe.python.solutions.face_mesh_connections import FACEMESH_LIPS
 
     return np.array(sorted({i for edge in FACEMESH_LIPS for i in edge}), dtype=np.int64)
@@ -333,7 +333,7 @@ def build_analysis(
         if landmarks.shape != (NUM_LANDMARKS, 3):
             raise ValueError(f"expected {NUM_LANDMARKS}x3 landmarks, got {landmarks.shape}")
         crop_lm = _to_crop(landmarks[:, :2].astype(np.float64), crop_box, resolution)
-        lips = landmarks[_lip_indices(), :2]
+        lips = landmarks[lip_indices(), :2]
         lip_box = (*lips.min(axis=0), *lips.max(axis=0))
         mouth_mask = _rect_mask(grow_box(lip_box, cfg.mouth_dilation), crop_box, resolution)
         foreground = _hull_mask(crop_lm, resolution)
@@ -465,6 +465,15 @@ def _mesh(image: np.ndarray) -> list[np.ndarray]:
         if lm.shape == (NUM_LANDMARKS, 3):
             out.append(lm)
     return out
+
+
+def mesh_landmarks(image: np.ndarray) -> np.ndarray | None:
+    """478x3 landmarks of the largest face mesh in an RGB uint8 image (None: no face)."""
+    _check_image(image)
+    meshes = _mesh(np.ascontiguousarray(image))
+    if not meshes:
+        return None
+    return max(meshes, key=lambda lm: float(np.ptp(lm[:, 0]) * np.ptp(lm[:, 1])))
 
 
 def _match_mesh(meshes: list[np.ndarray], box: Box) -> np.ndarray | None:

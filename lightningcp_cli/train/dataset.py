@@ -289,6 +289,13 @@ class TalkingFaceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def utterance(self, uid: str) -> Utterance:
+        """The utterance ``uid`` of this split (``KeyError`` if it has none)."""
+        for u in self._utts:
+            if u.uid == uid:
+                return u
+        raise KeyError(uid)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
