@@ -638,6 +638,39 @@ def evaluate(
 
 
 @app.command()
+def convert(
+    folder: Annotated[Path, typer.Argument(help="EchoMimic weights folder (official layout).")],
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write the copies here (default: beside the originals)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace existing .safetensors copies.")
+    ] = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Write a .safetensors copy of each pickled weight file (.pth/.pt) of FOLDER.
+
+    Later loads then skip unpickling and can memory-map the tensors (the loader prefers
+    .safetensors when both exist).  Each copy is read back and compared with the original
+    before it is renamed into place.
+    """
+    from .models.convert import convert_folder
+
+    def show(src: Path, dst: Path) -> None:
+        if not quiet:
+            err.print(f"{src} -> {dst}", markup=False)
+
+    with _reported_errors():
+        written = convert_folder(folder, out_dir, overwrite=overwrite, on_file=show)
+    if as_json:
+        _print_json({"written": [str(p) for p in written]})
+    else:
+        out.print(f"{len(written)} files converted")
+
+
+@app.command()
 def info(as_json: AsJson = False) -> None:
     """Versions, devices, models and the cache."""
     from . import api

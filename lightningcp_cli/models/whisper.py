@@ -294,7 +294,7 @@ def _infer_dims(state: Mapping[str, torch.Tensor], path: Path) -> WhisperDims:
         raise ModelLoadError(f"{path}: cannot size the encoder from its shapes ({e})") from None
 
 
-def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+def read_whisper_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """The state dict and the ``dims`` dict (None when the file has none)."""
     if path.suffix.lower() == ".safetensors":
         state = load_state_file(path)
@@ -344,7 +344,7 @@ def load_whisper_encoder(
     keys and the shapes.
     """
     path = Path(path)
-    state, dims_dict = _read_checkpoint(path)
+    state, dims_dict = read_whisper_checkpoint(path)
     if dims_dict is None:
         dims = _infer_dims(state, path)
     else:
