@@ -142,15 +142,24 @@ def test_interrupt_leaves_no_partial_output(tmp_path, sig):
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # A background job of a non-interactive shell (CI under `cmd &`) inherits SIGINT
+        # ignored, and then Python installs no KeyboardInterrupt handler: restore the
+        # default so the child sees Ctrl-C as a terminal user's process does.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    # The reference bank is cached right before denoising starts: interrupt mid-denoise.
-    deadline = time.monotonic() + 120
-    while not list(cache.glob("*.safetensors")) and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.1)
-    time.sleep(0.5)
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=60)
+    try:
+        # The reference bank is cached right before denoising starts: interrupt mid-denoise.
+        deadline = time.monotonic() + 120
+        while not list(cache.glob("*.safetensors")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        time.sleep(0.5)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # never leave a 500-step render running
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert list(out_dir.iterdir()) == []
