@@ -33,7 +33,7 @@ from .models.registry import MODELS, ModelSpec, get_model_spec
 from .stages.audio import load_audio, num_video_frames, prepare_audio
 from .stages.decode import decode_frames, paste_back, resize_output
 from .stages.denoise import denoise
-from .stages.face import FaceAnalysis, analyze_face, load_image
+from .stages.face import analyze_face, load_image
 from .stages.mux import VideoWriter, check_output_path
 from .stages.reference import compute_reference, latent_origin
 
@@ -133,8 +133,9 @@ def _require_file(path: Path, what: str) -> None:
         raise InputNotFoundError(f"{path}: {what} is not a file")
 
 
-def _face_feature(model: TalkingHeadModel, face: FaceAnalysis) -> torch.Tensor:
-    mask = torch.from_numpy(np.array(face.face_mask))[None, None, None]  # [1, 1, 1, H, W]
+def face_feature(model: TalkingHeadModel, face_mask: np.ndarray) -> torch.Tensor:
+    """The face locator's output for a ``res x res`` 0/1 face mask: ``[1, C0, 1, h, w]``."""
+    mask = torch.from_numpy(np.asarray(face_mask, np.float32))[None, None, None]
     return model.face_locator(mask.to(model.device, model.dtype))
 
 
@@ -182,7 +183,7 @@ def render(
             if cache is None and cfg.use_cache:
                 cache = FeatureCache()
             ref = compute_reference(model, face, cache if cfg.use_cache else None)
-            face_feature = _face_feature(model, face)
+            locator_feature = face_feature(model, face.face_mask)
             progress("reference", 1, 1)
         with (
             timer("denoise"),
@@ -191,7 +192,7 @@ def render(
             latents = denoise(
                 model.denoiser,
                 audio.tokens.to(model.device, model.dtype),
-                face_feature,
+                locator_feature,
                 ref.bank,
                 resolve_denoise(cfg, spec),
                 latent_shape=tuple(ref.latents.shape[1:]),

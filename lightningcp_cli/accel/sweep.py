@@ -63,7 +63,7 @@ class Experiment:
         seed: int = 420,
         device: str = "cpu",
     ) -> None:
-        from ..api import _face_feature, example_inputs
+        from ..api import example_inputs, face_feature
         from ..models.bundle import load_model
         from ..stages.audio import prepare_audio
         from ..stages.face import analyze_face, load_image
@@ -80,7 +80,7 @@ class Experiment:
                 audio or ex_audio, self.model.audio_encoder, fps, AudioConfig()
             )
             self.reference = compute_reference(self.model, self.face, None)
-            self.face_feature = _face_feature(self.model, self.face)
+            self.face_feature = face_feature(self.model, self.face.face_mask)
         self.denoise_config = DenoiseConfig(
             steps=steps or spec.steps,
             guidance=spec.guidance if guidance is None else guidance,

@@ -70,7 +70,7 @@ def generate_clip(
     (``res x res`` 0/1) and audio tokens ``[F, N, D]``: the render pipeline minus the
     face and audio stages, for inputs that are already crops and tokens."""
     from ..accel import build_sampler
-    from ..api import resolve_denoise
+    from ..api import face_feature, resolve_denoise
     from ..stages.decode import decode_frames
     from ..stages.denoise import denoise
 
@@ -79,13 +79,11 @@ def generate_clip(
     with torch.inference_mode():
         ref_latents = model.codec.encode(image_to_tensor(reference, model.device, model.dtype))
         bank = model.reference_net(ref_latents)
-        mask = torch.from_numpy(np.asarray(face_mask, np.float32))[None, None, None]
-        face_feature = model.face_locator(mask.to(model.device, model.dtype))
         with build_sampler(accel, model) as sampler:  # no face analysis: no DFA here
             latents = denoise(
                 model.denoiser,
                 tokens.to(model.device, model.dtype),
-                face_feature,
+                face_feature(model, face_mask),
                 bank,
                 cfg,
                 tuple(ref_latents.shape[1:]),

@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .metrics import PSNR_IDENTICAL
+from .metrics import psnr
 
 #: Face-mesh points: inner upper / lower lip, forehead top, chin bottom.
 LIP_UPPER, LIP_LOWER, FOREHEAD, CHIN = 13, 14, 10, 152
@@ -134,9 +134,8 @@ def identity_drift(
     if not len(frames):
         raise ValueError("no frames")
     keep = _outside(mouth_mask, reference.shape)
-    ref = reference[keep].astype(np.float64)
-    mse = float(np.mean([np.mean((f[keep].astype(np.float64) - ref) ** 2) for f in frames]))
-    return PSNR_IDENTICAL if mse == 0 else min(PSNR_IDENTICAL, 10 * np.log10(255**2 / mse))
+    outside = np.stack([f[keep] for f in frames])
+    return psnr(np.broadcast_to(reference[keep], outside.shape), outside)
 
 
 def flicker(frames: Sequence[np.ndarray], mouth_mask: np.ndarray | None = None) -> float:

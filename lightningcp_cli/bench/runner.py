@@ -14,6 +14,7 @@ step count whose denoise time matches that method's, plain ``fewer-steps`` match
 
 from __future__ import annotations
 
+import math
 import platform
 import shlex
 import sys
@@ -262,7 +263,7 @@ def summary_table(report: BenchReport, stages: bool = False) -> tuple[list[str],
 
 
 def _fmt(values: dict[str, float], key: str) -> str:
-    if key not in values or values[key] != values[key]:  # absent or NaN
+    if key not in values or not math.isfinite(values[key]):  # absent or NaN
         return "—"
     return f"{values[key]:.2f}" if key.startswith(("psnr", "mouth")) else f"{values[key]:.3f}"
 
