@@ -135,7 +135,7 @@ def _require_file(path: Path, what: str) -> None:
 
 def face_feature(model: TalkingHeadModel, face_mask: np.ndarray) -> torch.Tensor:
     """The face locator's output for a ``res x res`` 0/1 face mask: ``[1, C0, 1, h, w]``."""
-    mask = torch.from_numpy(np.asarray(face_mask, np.float32))[None, None, None]
+    mask = torch.from_numpy(np.array(face_mask, np.float32))[None, None, None]
     return model.face_locator(mask.to(model.device, model.dtype))
 
 

@@ -129,7 +129,7 @@ class LightningCPConfig:
     """
 
     schedule: str = "uniform"
-    interval: int = 3
+    interval: int = 15  # measured: the fastest setting with a margin (docs/ACCEL.md)
     key_steps: tuple[int, ...] = ()
     warmup: int = 0
     threshold: float = 0.3
@@ -163,6 +163,10 @@ class DFAConfig:
     ``spatial`` self-attention (queries and keys: foreground tokens only), ``reference``
     (the reference bank's tokens cut to the foreground too; else all of them),
     ``audio`` cross-attention and ``temporal`` attention (foreground queries only).
+    ``whole_blocks``: in the last layer (the one non-key steps run), the whole spatial and
+    temporal transformers (projections and feed-forwards too, everything after the
+    GroupNorm) run on the foreground tokens; the per-attention switches then apply only
+    where it does not (:mod:`lightningcp_cli.accel.dfa_blocks`).
     """
 
     threshold: float = 0.0
@@ -173,6 +177,7 @@ class DFAConfig:
     reference: bool = True
     audio: bool = False
     temporal: bool = False
+    whole_blocks: bool = True
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.threshold <= 1.0, "DFA threshold must be in [0, 1]")

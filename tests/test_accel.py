@@ -313,23 +313,78 @@ def test_dfa_partial_mask_keeps_background_and_attends_foreground_only(setup):
     torch.testing.assert_close(out[:, index], fg_only, rtol=0, atol=1e-6)
 
 
-def test_dfa_everywhere_with_all_foreground_equals_lightningcp_without_dfa(setup):
+@pytest.mark.parametrize("whole_blocks", [False, True])
+def test_dfa_everywhere_with_all_foreground_equals_lightningcp_without_dfa(setup, whole_blocks):
     """Whole runs: every DFA switch on, a mask covering everything, gathering allowed
-    (max_fraction 1) -> the same video as LightningCP without DFA."""
+    (max_fraction 1) -> the same video as LightningCP without DFA, whether DFA covers the
+    attentions or the whole transformers of the last layer."""
     cfg = LightningCPConfig(interval=3, warmup=0)
-    dfa = DFAConfig(max_fraction=1.0, audio=True, temporal=True)
+    dfa = DFAConfig(max_fraction=1.0, audio=True, temporal=True, whole_blocks=whole_blocks)
     with LightningCPSampler(setup.model, cfg) as s:
         plain = setup.run(s, frames=20)
     with LightningCPSampler(setup.model, cfg, dfa=dfa, foreground=torch.ones(8, 8)) as s:
         full_mask = setup.run(s, frames=20)
         stores = [p.store for p in s._processors.values() if hasattr(p, "store")]
-        assert sum(len(st) > 0 for st in stores) == 4  # attn1, attn2, 2 temporal of the last layer
+        kept = sum(len(st) > 0 for st in stores)
+        blocks = sum(len(st) > 0 for st in s._block_stores)
+        # attention level: attn1, attn2 and 2 temporal attentions of the last layer;
+        # whole blocks: its spatial and its temporal transformer, nothing inside them
+        assert (kept, blocks) == ((0, 2) if whole_blocks else (4, 0))
     torch.testing.assert_close(full_mask, plain, rtol=0, atol=1e-5)
     with LightningCPSampler(
         setup.model, cfg, dfa=dfa, foreground=_center_foreground()
     ) as s:  # a real mask changes the result (and still runs every switch)
         partial = setup.run(s, frames=20)
     assert not torch.allclose(partial, plain, atol=1e-5)
+    assert not any(hasattr(m, "forward") and "forward" in vars(m) for m in setup.model.modules())
+
+
+def test_whole_transformer_dfa_keeps_background_and_computes_foreground(setup):
+    """Reuse: background tokens are the key step's output; foreground tokens equal the
+    transformer run on those tokens alone (norm statistics from the whole grid)."""
+    from lightningcp_cli.accel.dfa_blocks import wrap_transformers
+
+    model = setup.model
+    layer = model.up_blocks[-1].attentions[-1]
+    prefix = [n for n, m in model.named_modules() if m is layer][0]
+    index = foreground_index(level_mask(_center_foreground(), 0, 0.0, 0.0))
+    dfa = DFAConfig(max_fraction=1.0)
+    x = torch.randn(4, layer.norm.num_channels, 8, 8)
+    y = x + 0.1 * torch.randn_like(x)
+
+    def ctx(mode):
+        c = UNetContext(1, 4)  # no bank: plain self-attention
+        c.extras[ACCEL_EXTRAS_KEY] = AccelCall(dfa=dfa, dfa_mode=mode, foreground={64: index})
+        return c
+
+    audio = torch.randn(4, 3, model.config.cross_attention_dim)
+    undo, stores = wrap_transformers(model, (prefix + ".",))
+    try:
+        with torch.no_grad():
+            key_out = layer(x, ctx("record"), audio)
+            out = layer(y, ctx("reuse"), audio)
+    finally:
+        undo()
+    assert len(stores) == 1 and "forward" not in vars(layer)
+    with torch.no_grad():
+        full = layer(y, UNetContext(1, 4), audio)
+        tokens = layer.norm(y).flatten(2)[:, :, index].transpose(1, 2)
+        tokens = torch.nn.functional.conv1d(
+            tokens.transpose(1, 2), layer.proj_in.weight.flatten(2), layer.proj_in.bias
+        ).transpose(1, 2)
+        for block in layer.transformer_blocks:
+            tokens = block(tokens, UNetContext(1, 4), audio)
+        fg = (
+            torch.nn.functional.conv1d(
+                tokens.transpose(1, 2), layer.proj_out.weight.flatten(2), layer.proj_out.bias
+            )
+            + y.flatten(2)[:, :, index]
+        )
+    background = torch.ones(64, dtype=torch.bool)
+    background[index] = False
+    assert torch.equal(out.flatten(2)[:, :, background], key_out.flatten(2)[:, :, background])
+    torch.testing.assert_close(out.flatten(2)[:, :, index], fg, rtol=0, atol=1e-5)
+    assert not torch.allclose(out.flatten(2)[:, :, index], full.flatten(2)[:, :, index])
 
 
 # --- LightningCP in the loop ----------------------------------------------------------------

@@ -39,6 +39,7 @@ from ..models.unet import VideoUNet
 from ..stages.denoise import Bank, RunInputs, Sampler, StepContext, StepGroup
 from . import hooks
 from .dfa import foreground_indices, repeat_rows
+from .dfa_blocks import wrap_transformers
 from .processors import (
     ACCEL_EXTRAS_KEY,
     AccelCall,
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
 
 #: Name of the LightningCP installation (capture hook) in the model's accel registry.
 LIGHTNINGCP = "lcp.lightningcp"
+#: Name of the whole-transformer DFA wrappers of the last layer (:mod:`.dfa_blocks`).
+DFA_BLOCKS = "lcp.dfa_blocks"
 
 
 # --------------------------------------------------------------------------- schedule
@@ -219,6 +222,7 @@ class LightningCPSampler(Sampler):
         self.static = StaticFeatures()
         self.capture = FeatureCapture()
         self._processors: dict[str, Any] | None = None
+        self._block_stores: list = []
         self._indices: dict[int, torch.Tensor | None] = {}
         self._bank_in: Bank | None = None
         self._bank_out: Bank | None = None
@@ -243,8 +247,14 @@ class LightningCPSampler(Sampler):
         hooks.install(model, LIGHTNINGCP, self, do)
         try:
             self._processors = apply_accel_processors(model, self)
+            prefixes = self._dfa_layers
+            self._block_stores = hooks.install(
+                model, DFA_BLOCKS, self, lambda: wrap_transformers(model, prefixes)
+            ).value
         except Exception:
+            remove_accel_processors(model, self)
             hooks.uninstall(model, LIGHTNINGCP, self)
+            self._processors = None
             raise
         self.reset()
         return self
@@ -252,9 +262,11 @@ class LightningCPSampler(Sampler):
     def disable(self) -> None:
         """Restore the original processors and forwards; drop all caches (keep ``stats()``)."""
         self._free()
+        hooks.uninstall(self.model, DFA_BLOCKS, self)
         remove_accel_processors(self.model, self)
         hooks.uninstall(self.model, LIGHTNINGCP, self)
         self._processors = None
+        self._block_stores = []
 
     def set_params(self, **changes: Any) -> LightningCPSampler:
         """Change settings: ``LightningCPConfig`` fields, ``dfa`` (a DFAConfig or None),
@@ -280,6 +292,8 @@ class LightningCPSampler(Sampler):
         self.capture.reset()
         if self._processors is not None:
             reset_accel_processors(self._processors)
+        for store in self._block_stores:
+            store.reset()
         self._indices = {}
         self._bank_in = self._bank_out = None
 

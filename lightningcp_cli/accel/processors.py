@@ -58,7 +58,9 @@ class AccelCall:
     ``reuse``; ``dfa_layers``: module-path prefixes DFA applies to (empty: every layer);
     ``slot``: the window cache key; ``repeat``: steps batched in this call (rows ordered
     batch row of the key step, then step); ``foreground``: token count of a layer grid ->
-    foreground token indices (None: full attention there).
+    foreground token indices (None: full attention there).  ``token_index``: the hidden
+    states hold only these tokens of their grid (a whole transformer running on the
+    foreground, :mod:`.dfa_blocks`); the reference bank is cut to them too.
     """
 
     static: StaticFeatures | None = None
@@ -69,6 +71,7 @@ class AccelCall:
     slot: Hashable = 0
     repeat: int = 1
     foreground: Mapping[int, torch.Tensor | None] = field(default_factory=dict)
+    token_index: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.dfa_mode not in DFA_MODES:
@@ -148,6 +151,9 @@ class AccelReferenceAttnProcessor(_DFAMixin, ReferenceAttnProcessor):
                 kb, vb = attn.to_k(tokens), attn.to_v(tokens)
             if kb.shape[0] != 1:
                 kb, vb = kb[ctx.ref_batch_select], vb[ctx.ref_batch_select]
+            cut = call.token_index
+            if cut is not None and call.dfa is not None and call.dfa.reference:
+                kb, vb = gather_tokens(kb, cut), gather_tokens(vb, cut)
         action = call.dfa_action(self.layer, "spatial")
         tokens = hidden_states.shape[1]
         index = self._foreground(call, tokens) if action == "reuse" else None
