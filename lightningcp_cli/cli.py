@@ -49,7 +49,8 @@ EXIT_CODES = """\
 Exit codes: 0 ok, 2 usage, 10 input file missing, 11 not an image, 12 no face,
 13 bad audio, 14 output directory missing or unwritable, 15 output exists (use
 --overwrite), 16 invalid option, 20 model weights, 21 device, 22 acceleration,
-30 video encoding, 130 interrupted (no partial output is left)."""
+23 batch: some jobs failed, 24 NaN/inf in the latents, 30 video encoding,
+130 interrupted (no partial output is left)."""
 
 app = typer.Typer(
     name="lcp",
@@ -196,7 +197,7 @@ KeyInterval = Annotated[
     typer.Option(
         min=1,
         max=100,
-        help="LightningCP: a key step every N steps (default 3; 1 = no caching).",
+        help="LightningCP: a key step every N steps (default 15; 1 = no caching).",
         rich_help_panel=_ACCEL_PANEL,
     ),
 ]
@@ -730,6 +731,115 @@ def cache_clear() -> None:
 
     n = FeatureCache().clear()
     err.print(f"removed {n} cache entries")
+
+
+@app.command()
+def batch(
+    jobs: Annotated[
+        Path, typer.Argument(help="Job file: JSON lines (.jsonl) or CSV (.csv), one job a line.")
+    ],
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Skip jobs whose output is verified complete; redo the others."
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Render every job again, replacing its output.")
+    ] = False,
+    model: Model = "lcp-tiny",
+    weights: Weights = None,
+    steps: Steps = None,
+    guidance: Guidance = None,
+    fps: Fps = None,
+    seed: Seed = 420,
+    size: Size = None,
+    device: Device = "cpu",
+    dtype: Dtype = None,
+    accel: Accel = "none",
+    key_interval: KeyInterval = None,
+    key_steps: KeySteps = None,
+    estimate: Estimate = True,
+    dfa_dilate: DfaDilate = None,
+    cache: Annotated[
+        bool, typer.Option(help="Keep reference features in the disk cache too.")
+    ] = True,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Render every job of JOBS, a file of (face, audio, output) lines, with one model load.
+
+    JOBS is JSON lines, e.g. `{"face": "a.png", "audio": "a.wav", "output": "out/a.mp4",
+    "steps": 8}`, or CSV with a header row `face,audio,output[,steps,...]`. Relative
+    paths are relative to the folder of JOBS; output folders are created. A job may
+    override steps, cfg (or guidance), seed, fps, size, accel, key_interval, key_steps,
+    estimate and dfa_dilate; the options below are the defaults. Model, weights, device
+    and dtype hold for the whole batch: the model is loaded once, and each portrait's
+    reference features are computed once (kept in memory, and in the disk cache unless
+    --no-cache).
+
+    A job that fails (no face, unreadable audio, a bad line or value, ...) is reported
+    on stderr with its line number and the batch goes on. An existing output fails its
+    job unless --resume or --overwrite is given. --resume skips a job only when its
+    output is complete: OUTPUT.json records this job's inputs and settings and ffmpeg
+    decodes the frame count recorded there; any other output is rendered again.
+
+    Prints a summary table (or the report with --json). Exit code 0 when every job is
+    ok or skipped, 23 when any job failed. Format and report schema: docs/BATCH.md.
+    """
+    from rich.markup import escape
+
+    from .batch import read_job_file, run_batch
+    from .errors import ConfigError
+
+    with _reported_errors():
+        if resume and overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other")
+        entries = read_job_file(jobs)
+        base = _render_config(
+            model, weights, steps, guidance, fps, seed, size, device, dtype, accel,
+            use_cache=cache,
+            accel_config=_accel_config(key_interval, key_steps, estimate, dfa_dilate),
+        )  # fmt: skip
+
+        def failed_now(result: Any) -> None:
+            if result.status == "failed":
+                err.print(f"lcp: line {result.line}: {result.reason}", markup=False)
+
+        with _progress(quiet) as on_progress:
+            rep = run_batch(
+                entries,
+                base,
+                job_file=jobs,
+                resume=resume,
+                overwrite=overwrite,
+                on_progress=on_progress,
+                on_result=failed_now,
+            )
+    if as_json:
+        _print_json(rep.to_dict())
+    else:
+        t = rep.totals
+        table = Table(
+            title=f"lcp batch {jobs}: {t['ok']} ok, {t['skipped']} skipped, "
+            f"{t['failed']} failed ({rep.seconds:.1f} s)"
+        )
+        for col in ("line", "status", "output", "seconds", "reason"):
+            table.add_column(col, justify="right" if col in ("line", "seconds") else "left")
+        styles = {"ok": "green", "skipped": "cyan", "failed": "red"}
+        for r in rep.jobs:
+            table.add_row(
+                str(r.line),
+                f"[{styles[r.status]}]{r.status}[/]",
+                escape(r.output or ""),
+                f"{r.seconds:.1f}",
+                escape(r.reason or ""),
+            )
+        out.print(table)
+    if rep.failed:
+        lines = ", ".join(str(r.line) for r in rep.failed)
+        err.print(f"lcp: {len(rep.failed)} of {len(rep.jobs)} jobs failed (lines {lines})")
+        raise typer.Exit(rep.exit_code)
 
 
 def main() -> None:

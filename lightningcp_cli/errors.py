@@ -70,6 +70,18 @@ class AccelerationError(LcpError):
     exit_code = 22
 
 
+class BatchFailedError(LcpError):
+    """``lcp batch``: at least one job failed (each is reported with its line number)."""
+
+    exit_code = 23
+
+
+class NonFiniteError(LcpError):
+    """The latents stopped being finite (NaN/inf) during denoising; names the step."""
+
+    exit_code = 24
+
+
 class EncodeError(LcpError):
     """ffmpeg failed while writing the video."""
 
