@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lightningcp_cli.config import DenoiseConfig
-from lightningcp_cli.errors import LcpError
+from lightningcp_cli.errors import LcpError, NonFiniteError
 from lightningcp_cli.stages.denoise import (
     Sampler,
     StepContext,
@@ -214,8 +214,9 @@ def test_non_finite_latents_raise_lcp_error_naming_the_step():
         def forward(self, sample, timestep, *args, **kwargs):
             return sample * (float("nan") if int(timestep) < 999 else 1.0)
 
-    with pytest.raises(LcpError, match=r"step 2/4"):
+    with pytest.raises(NonFiniteError, match=r"step 2/4") as info:
         _run(Exploding(), steps=4)
+    assert isinstance(info.value, LcpError) and info.value.exit_code == 24
 
 
 def test_unresolved_settings_and_foreign_sampler_are_rejected():

@@ -33,7 +33,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from ..config import DenoiseConfig, ProgressFn
-from ..errors import LcpError
+from ..errors import NonFiniteError
 
 Bank = Mapping[str, torch.Tensor]
 
@@ -372,7 +372,7 @@ def denoise(
     CFG branch, predictions are always averaged over overlapping windows; the two agree
     whenever windows do not overlap (every video of at most ``context_frames`` frames).
 
-    Raises :class:`LcpError` if the latents stop being finite.
+    Raises :class:`NonFiniteError` (naming the step) if the latents stop being finite.
     """
     if cfg.steps is None or cfg.guidance is None:
         raise ValueError("denoise: resolve steps and guidance (the model's defaults) first")
@@ -448,7 +448,7 @@ def denoise(
         t = timesteps[step_index]
         latents = scheduler.step(guided, t, latents, eta=0.0).prev_sample
         if not torch.isfinite(latents).all():
-            raise LcpError(
+            raise NonFiniteError(
                 f"denoise: latents became NaN/inf at step {step_index + 1}/{num_steps} "
                 f"(timestep {int(t)}); try float32 or another seed"
             )
