@@ -27,12 +27,12 @@ from .accel import build_sampler
 from .bench.memory import PeakMemory
 from .cache import FeatureCache
 from .config import DenoiseConfig, ProgressFn, RenderConfig
-from .errors import InputNotFoundError
+from .errors import InputNotFoundError, OutputError
 from .models.bundle import TalkingHeadModel, load_model
 from .models.registry import MODELS, ModelSpec, get_model_spec
 from .stages.audio import load_audio, num_video_frames, prepare_audio
 from .stages.decode import decode_frames, paste_back, resize_output
-from .stages.denoise import denoise
+from .stages.denoise import denoise_stream
 from .stages.face import analyze_face, load_image
 from .stages.mux import VideoWriter, check_output_path
 from .stages.reference import compute_reference, latent_origin
@@ -185,13 +185,19 @@ def render(
             ref = compute_reference(model, face, cache if cfg.use_cache else None)
             locator_feature = face_feature(model, face.face_mask)
             progress("reference", 1, 1)
+        # Long audio streams: each chunk of latents is decoded and piped to ffmpeg before
+        # the next is denoised, so memory does not grow with the video's length.
+        n = audio.tokens.shape[0]
+        frames: list[np.ndarray] | None = [] if keep_frames else None
+        crops: list[np.ndarray] | None = [] if keep_frames else None
+        origin = latent_origin(model, ref)
         with (
-            timer("denoise"),
             build_sampler(cfg.accel, model, face, cfg.accel_config) as sampler,
+            ExitStack() as stack,
         ):
-            latents = denoise(
+            chunks = denoise_stream(
                 model.denoiser,
-                audio.tokens.to(model.device, model.dtype),
+                audio.tokens,
                 locator_feature,
                 ref.bank,
                 resolve_denoise(cfg, spec),
@@ -201,34 +207,36 @@ def render(
                 device=model.device,
                 sampler=sampler,
             )
-
-        n = latents.shape[2]
-        frames: list[np.ndarray] | None = [] if keep_frames else None
-        crops: list[np.ndarray] | None = [] if keep_frames else None
-        with ExitStack() as stack:
             writer: VideoWriter | None = None
-            crops_iter = decode_frames(model.codec, latents, origin=latent_origin(model, ref))
-            for i, crop in enumerate(timer.timed("decode", crops_iter)):
-                with timer("decode"):
-                    frame = resize_output(paste_back(crop, face, cfg.face.feather), out_height)
-                with timer("mux"):
-                    if writer is None:  # the frame size is known once the first frame is
-                        writer = stack.enter_context(
-                            VideoWriter(
-                                out,
-                                fps=fps,
-                                width=frame.shape[1],
-                                height=frame.shape[0],
-                                audio_path=audio_path,
-                                crf=cfg.output.crf,
-                                overwrite=cfg.output.overwrite,
+            done = 0
+            while True:
+                with timer("denoise"):
+                    latents = next(chunks, None)
+                if latents is None:
+                    break
+                crops_iter = decode_frames(model.codec, latents, origin=origin)
+                for crop in timer.timed("decode", crops_iter):
+                    with timer("decode"):
+                        frame = resize_output(paste_back(crop, face, cfg.face.feather), out_height)
+                    with timer("mux"):
+                        if writer is None:  # the frame size is known once the first frame is
+                            writer = stack.enter_context(
+                                VideoWriter(
+                                    out,
+                                    fps=fps,
+                                    width=frame.shape[1],
+                                    height=frame.shape[0],
+                                    audio_path=audio_path,
+                                    crf=cfg.output.crf,
+                                    overwrite=cfg.output.overwrite,
+                                )
                             )
-                        )
-                    writer.write(frame)
-                if frames is not None and crops is not None:
-                    frames.append(frame)
-                    crops.append(crop)
-                progress("decode", i + 1, n)
+                        writer.write(frame)
+                    if frames is not None and crops is not None:
+                        frames.append(frame)
+                        crops.append(crop)
+                    done += 1
+                    progress("decode", done, n)
             with timer("mux"):
                 stack.close()  # finishes the video: ffmpeg flush + atomic rename
 
@@ -270,6 +278,8 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, read-only file system: a clean error
+        raise OutputError(f"{path}: cannot write ({e.strerror or e})") from None
     finally:
         tmp.unlink(missing_ok=True)
 

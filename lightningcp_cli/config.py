@@ -84,9 +84,17 @@ class DenoiseConfig:
     noise_clamp: float = 1.5  # initial noise clamped to +-this (EchoMimic)
     bank_dtype: str | None = None  # reference bank storage dtype; None = model dtype
     prediction_type: str | None = None  # what the denoiser outputs; None = the model's
+    # Long audio: videos over chunk_frames are denoised chunk by chunk (overlapping by
+    # chunk_overlap frames, cross-faded), so memory does not grow with the length.
+    chunk_frames: int = 240
+    chunk_overlap: int = 24
 
     def __post_init__(self) -> None:
         _check(self.steps is None or 1 <= self.steps <= 1000, "steps must be in [1, 1000]")
+        _check(
+            1 <= self.chunk_overlap < self.chunk_frames,
+            "chunk overlap must be in [1, chunk frames)",
+        )
         _check(self.guidance is None or self.guidance >= 0, "guidance must be >= 0")
         _check(self.context_frames >= 1, "context frames must be >= 1")
         _check(

@@ -25,10 +25,11 @@ names the same frames.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
@@ -75,6 +76,42 @@ def initial_latents(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
     noise = noise.clamp(-clamp, clamp) * init_noise_sigma
+    return noise.to(device=device, dtype=dtype)
+
+
+def chunk_plan(num_frames: int, chunk_frames: int, overlap: int) -> list[tuple[int, int]]:
+    """Frame ranges ``[start, end)`` denoised one after another for a long video.
+
+    One chunk when the video fits; else chunks of ``chunk_frames`` (the last one may be
+    shorter) whose neighbours share exactly ``overlap`` frames.
+    """
+    if num_frames < 1 or chunk_frames < 1 or not 0 < overlap < chunk_frames:
+        raise ValueError(f"bad chunking: {num_frames} frames, {chunk_frames}/{overlap}")
+    if num_frames <= chunk_frames:
+        return [(0, num_frames)]
+    stride = chunk_frames - overlap
+    return [(s, min(s + chunk_frames, num_frames)) for s in range(0, num_frames - overlap, stride)]
+
+
+def frame_noise(
+    shape: Sequence[int],
+    frames: range,
+    seed: int,
+    clamp: float,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    init_noise_sigma: float = 1.0,
+) -> torch.Tensor:
+    """Initial latents ``[1, C, len(frames), h, w]`` drawn per frame: frame ``f`` always gets
+    the same noise (seeded by ``(seed, f)``), whichever chunk it falls in, so the two
+    chunks sharing an overlap start those frames from the same noise.  ``shape`` is
+    ``(C, h, w)``."""
+    per_frame = []
+    for f in frames:
+        state = np.random.SeedSequence([int(seed), int(f)]).generate_state(2, np.uint64)
+        gen = torch.Generator(device="cpu").manual_seed(int(state[0] >> np.uint64(1)))
+        per_frame.append(torch.randn(tuple(shape), generator=gen, dtype=torch.float32))
+    noise = torch.stack(per_frame, dim=1)[None].clamp(-clamp, clamp) * init_noise_sigma
     return noise.to(device=device, dtype=dtype)
 
 
@@ -352,6 +389,7 @@ def denoise(
     *,
     scheduler: DDIMScheduler | None = None,
     sampler: Sampler | None = None,
+    latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the sampler over the whole video; returns latents ``[1, C, F, h, w]``.
 
@@ -363,7 +401,8 @@ def denoise(
     ``noise_clamp``, ``prediction_type``); ``latent_shape`` is ``(C, h, w)``.
     ``guidance <= 1`` runs one conditional batch row instead of classifier-free guidance.
     ``scheduler`` defaults to :func:`make_scheduler`; ``sampler`` (wrapping ``denoiser``)
-    to a plain :class:`Sampler`.
+    to a plain :class:`Sampler`; ``latents`` (the initial noise) to
+    :func:`initial_latents` of ``cfg.seed`` (EchoMimic's draw).
 
     Steps run in the groups ``sampler.next_group`` plans (see :class:`StepGroup`); the
     window layout of a group is that of its lead step.
@@ -398,14 +437,17 @@ def denoise(
     scheduler.set_timesteps(cfg.steps, device=device)
     timesteps = scheduler.timesteps
     num_steps = len(timesteps)
-    latents = initial_latents(
-        (1, channels, num_frames, height, width),
-        cfg.seed,
-        cfg.noise_clamp,
-        dtype,
-        device,
-        float(scheduler.init_noise_sigma),
-    )
+    if latents is None:
+        latents = initial_latents(
+            (1, channels, num_frames, height, width),
+            cfg.seed,
+            cfg.noise_clamp,
+            dtype,
+            device,
+            float(scheduler.init_noise_sigma),
+        )
+    elif tuple(latents.shape) != (1, channels, num_frames, height, width):
+        raise ValueError(f"initial latents {tuple(latents.shape)} do not match the video")
     audio = audio_tokens.to(device=device, dtype=dtype).unsqueeze(0)
     if face_feature is not None:
         face_feature = face_feature.to(device=device, dtype=dtype)
@@ -536,3 +578,72 @@ def denoise(
                     latents = advance(s, guided, latents)
             step_index = group.start + group.size
     return latents
+
+
+def denoise_stream(
+    denoiser: Denoiser,
+    audio_tokens: torch.Tensor,
+    face_feature: torch.Tensor | None,
+    bank: Bank | None,
+    cfg: DenoiseConfig,
+    latent_shape: Sequence[int],
+    on_progress: ProgressFn | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    *,
+    sampler: Sampler | None = None,
+) -> Iterator[torch.Tensor]:
+    """:func:`denoise` for videos of any length: yields finished latents ``[1, C, n, h, w]``
+    in frame order, chunk by chunk (:func:`chunk_plan` with ``cfg.chunk_frames`` and
+    ``cfg.chunk_overlap``), so only one chunk's latents live at a time.
+
+    A video that fits one chunk is exactly :func:`denoise` (EchoMimic's noise draw).  A
+    longer one starts every frame from :func:`frame_noise`; the frames two chunks share
+    are cross-faded linearly from the earlier chunk's to the later one's, so there is no
+    seam (both chunks denoise them from the same noise and audio).
+    """
+    num_frames = audio_tokens.shape[0]
+    plan = chunk_plan(num_frames, cfg.chunk_frames, cfg.chunk_overlap)
+
+    def run(start: int, end: int, index: int, latents: torch.Tensor | None) -> torch.Tensor:
+        def progress(stage: str, done: int, total: int) -> None:
+            if on_progress is not None:
+                on_progress(stage, index * total + done, len(plan) * total)
+
+        return denoise(
+            denoiser,
+            audio_tokens[start:end],
+            face_feature,
+            bank,
+            cfg,
+            latent_shape,
+            progress,
+            dtype,
+            device,
+            sampler=sampler,
+            latents=latents,
+        )
+
+    if len(plan) == 1:
+        yield run(0, num_frames, 0, None)
+        return
+    sigma = float(make_scheduler(cfg.prediction_type or "v_prediction").init_noise_sigma)
+    tail: torch.Tensor | None = None  # the previous chunk's frames from this chunk's start
+    for index, (start, end) in enumerate(plan):
+        noise = frame_noise(
+            latent_shape, range(start, end), cfg.seed, cfg.noise_clamp, dtype, device, sigma
+        )
+        latents = run(start, end, index, noise)
+        if tail is not None:
+            n = tail.shape[2]
+            ramp = torch.arange(1, n + 1, device=latents.device, dtype=latents.dtype) / (n + 1)
+            ramp = ramp.view(1, 1, n, 1, 1)
+            latents = torch.cat(
+                [tail * (1 - ramp) + latents[:, :, :n] * ramp, latents[:, :, n:]], 2
+            )
+        if index + 1 < len(plan):
+            keep = plan[index + 1][0] - start  # frames before the next chunk's start
+            yield latents[:, :, :keep]
+            tail = latents[:, :, keep:]
+        else:
+            yield latents
