@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,7 @@ from torch import nn
 from ..models.motion import TemporalTransformer
 from ..models.unet import SpatialTransformer, UNetContext
 from .dfa import BackgroundStore
-from .processors import ACCEL_EXTRAS_KEY, AccelCall, accel_call
+from .processors import ACCEL_EXTRAS_KEY, accel_call
 
 
 class _Wrapped:
@@ -43,21 +42,34 @@ class _Wrapped:
         self.original = module.forward
         self.store = BackgroundStore()
 
-    def plan(self, ctx: UNetContext | None, grid_tokens: int) -> tuple[AccelCall, Any] | None:
-        """(call, index or None) when DFA covers this transformer in this call."""
+    def run(
+        self,
+        ctx: UNetContext | None,
+        grid_tokens: int,
+        full: Callable[[], torch.Tensor],
+        foreground: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """``full()`` unless DFA covers this transformer in this call; then record its
+        output (key step) or return ``foreground(index, background)`` (non-key step)."""
         call = accel_call(ctx)
         if call is None or call.dfa is None or not call.dfa.whole_blocks:
-            return None
+            return full()
         action = call.dfa_action(self.layer + ".", "whole_blocks")
         if action is None:
-            return None
+            return full()
         index = call.foreground.get(grid_tokens) if action == "reuse" else None
-        return call, index
-
-    def inner(self, ctx: UNetContext, call: AccelCall, index: Any) -> Callable[[], None]:
-        """Hand the inner processors a DFA-free call; returns the function that restores."""
+        # the attention processors inside see no DFA (and, when gathered, the tokens kept)
         ctx.extras[ACCEL_EXTRAS_KEY] = dataclasses.replace(call, dfa_mode=None, token_index=index)
-        return lambda: ctx.extras.__setitem__(ACCEL_EXTRAS_KEY, call)
+        try:
+            if index is None:
+                out = full()
+                if action == "record":
+                    self.store.store(call.slot, out, ctx.batch_size)
+                return out
+            background = self.store.background(call.slot, ctx.batch_size, call.repeat, self.layer)
+            return foreground(index, background)
+        finally:
+            ctx.extras[ACCEL_EXTRAS_KEY] = call
 
 
 def _spatial(w: _Wrapped) -> Callable[..., torch.Tensor]:
@@ -65,28 +77,17 @@ def _spatial(w: _Wrapped) -> Callable[..., torch.Tensor]:
 
     def forward(x: torch.Tensor, ctx: UNetContext | None = None, audio=None) -> torch.Tensor:
         n, c, h, wd = x.shape
-        plan = w.plan(ctx, h * wd)
-        if plan is None:
-            return w.original(x, ctx, audio)
-        call, index = plan
-        restore = w.inner(ctx, call, index)
-        try:
-            if index is None:
-                out = w.original(x, ctx, audio)
-                if call.dfa_mode == "record":
-                    w.store.store(call.slot, out, ctx.batch_size)
-                return out
-            flat = x.flatten(2)  # [n, c, h*w]
+
+        def foreground(index: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
             tokens = mod.norm(x).flatten(2).index_select(2, index).transpose(1, 2)
             tokens = F.linear(tokens, mod.proj_in.weight.flatten(1), mod.proj_in.bias)
             for block in mod.transformer_blocks:
                 tokens = block(tokens, ctx, audio)
             tokens = F.linear(tokens, mod.proj_out.weight.flatten(1), mod.proj_out.bias)
-            fg = tokens.transpose(1, 2) + flat.index_select(2, index)
-            bg = w.store.background(call.slot, ctx.batch_size, call.repeat, w.layer)
+            fg = tokens.transpose(1, 2) + x.flatten(2).index_select(2, index)
             return bg.flatten(2).index_copy(2, index, fg.to(bg.dtype)).view(n, c, h, wd)
-        finally:
-            restore()
+
+        return w.run(ctx, h * wd, lambda: w.original(x, ctx, audio), foreground)
 
     return forward
 
@@ -96,31 +97,21 @@ def _temporal(w: _Wrapped) -> Callable[..., torch.Tensor]:
 
     def forward(x: torch.Tensor, num_frames: int, ctx: UNetContext | None = None) -> torch.Tensor:
         bf, c, h, wd = x.shape
-        plan = w.plan(ctx, h * wd)
-        if plan is None:
-            return w.original(x, num_frames, ctx)
-        call, index = plan
-        restore = w.inner(ctx, call, index)
-        try:
-            if index is None:
-                out = w.original(x, num_frames, ctx)
-                if call.dfa_mode == "record":
-                    w.store.store(call.slot, out, ctx.batch_size)
-                return out
-            b, n = bf // num_frames, index.numel()
-            flat = x.view(b, num_frames, c, h * wd)
+        b = bf // num_frames
+
+        def foreground(index: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+            n = index.numel()
             t = mod.norm(x).view(b, num_frames, c, h * wd).index_select(3, index)
             t = t.permute(0, 3, 1, 2).reshape(b * n, num_frames, c)  # [(B n), F, C]
             t = mod.proj_in(t)
             for block in mod.transformer_blocks:
                 t = block(t, ctx)
             t = mod.proj_out(t).view(b, n, num_frames, c).permute(0, 2, 3, 1)
-            fg = t + flat.index_select(3, index)
-            bg = w.store.background(call.slot, ctx.batch_size, call.repeat, w.layer)
+            fg = t + x.view(b, num_frames, c, h * wd).index_select(3, index)
             bg = bg.reshape(b, num_frames, c, h * wd)
             return bg.index_copy(3, index, fg.to(bg.dtype)).view(bf, c, h, wd)
-        finally:
-            restore()
+
+        return w.run(ctx, h * wd, lambda: w.original(x, num_frames, ctx), foreground)
 
     return forward
 
