@@ -657,6 +657,81 @@ def _run_job(
     return JobResult(job.line, "failed", str(out), reason, time.perf_counter() - t0, code)
 
 
+def _ray_results(
+    jobs: list[Job],
+    base: RenderConfig,
+    address: str,
+    *,
+    resume: bool,
+    overwrite: bool,
+    job_file: str | None,
+    on_done: Callable[[JobResult], None],
+) -> list[JobResult]:
+    """Run ``jobs`` on a Ray cluster: one actor per GPU (else per ``CPUS_PER_ACTOR`` CPUs),
+    each loading the model once; results come back as jobs finish."""
+    try:
+        import ray
+        from ray.util import ActorPool
+    except ImportError:
+        raise ConfigError("--ray needs the ray package: pip install 'ray>=2.50'") from None
+
+    started = not ray.is_initialized()
+    if started:
+        kwargs = {"include_dashboard": False, "log_to_driver": False}
+        try:
+            ray.init(address=None if address == "local" else address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ConfigError(f"--ray {address}: cannot connect ({e})") from None
+    try:
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        per_gpu = gpus > 0 and base.device != "cpu"
+        count = gpus if per_gpu else max(1, int(resources.get("CPU", 1)) // CPUS_PER_ACTOR)
+        options = {"num_gpus": 1} if per_gpu else {"num_cpus": CPUS_PER_ACTOR}
+        worker = ray.remote(**options)(RenderWorker)
+        actors = [worker.remote(base) for _ in range(min(count, len(jobs)))]
+        pool = ActorPool(actors)
+        for job in jobs:
+            pool.submit(lambda a, j: a.run.remote(j, resume, overwrite, job_file), job)
+        results = []
+        while pool.has_next():
+            result = pool.get_next_unordered()
+            on_done(result)
+            results.append(result)
+        return results
+    finally:
+        if started:
+            ray.shutdown()
+
+
+#: CPUs one Ray actor uses on a CPU-only cluster (its torch threads).
+CPUS_PER_ACTOR = 2
+
+
+class RenderWorker:
+    """What one Ray actor holds: the model (loaded once) and a reference memo."""
+
+    def __init__(self, base: RenderConfig) -> None:
+        from . import api
+
+        torch.set_num_threads(CPUS_PER_ACTOR)
+        self.base = replace(base, use_cache=True)
+        self.model = api.load_model(base.model, base.weights, base.device, base.dtype)
+        self.cache = ReferenceMemo(FeatureCache() if base.use_cache else None)
+
+    def run(self, job: Job, resume: bool, overwrite: bool, job_file: str | None) -> JobResult:
+        return _run_job(
+            job,
+            self.base,
+            self.model,
+            self.cache,
+            resume=resume,
+            overwrite=overwrite,
+            job_file=job_file,
+            progress=lambda stage, done, total: None,
+        )
+
+
 def run_batch(
     entries: Iterable[Entry],
     base: RenderConfig,
@@ -668,6 +743,7 @@ def run_batch(
     overwrite: bool = False,
     on_progress: ProgressFn | None = None,
     on_result: Callable[[JobResult], None] | None = None,
+    ray_address: str | None = None,
 ) -> BatchReport:
     """Render ``entries`` in line order; ``base`` holds the batch's settings (model,
     weights, device, dtype, cache switch and the defaults of the overrides).
@@ -680,6 +756,8 @@ def run_batch(
     output.  ``overwrite``: re-render every job.  Without either, a job whose output
     exists fails.  ``on_progress("jobs", done, total)`` plus each render's stages;
     ``on_result`` is called with each job's result as soon as it is known.
+    ``ray_address``: run the jobs on a Ray cluster (``"local"`` starts one on this
+    machine) with one model per actor; results are the same as a local run.
     """
     from . import api
 
@@ -695,15 +773,33 @@ def run_batch(
     t0 = time.perf_counter()
     results: list[JobResult] = []
     progress("jobs", 0, len(entries))
-    for i, entry in enumerate(entries):
+
+    def done(result: JobResult) -> None:
+        results.append(result)
+        report_to(result)
+        progress("jobs", len(results), len(entries))
+
+    jobs = [e for e in entries if isinstance(e, Job)]
+    for entry in entries:
         if isinstance(entry, BadLine):
             out = str(entry.output) if entry.output is not None else None
-            result = JobResult(entry.line, "failed", out, entry.reason, 0.0, ConfigError.exit_code)
-        else:
-            if model is None:
-                model = api.load_model(base.model, base.weights, base.device, base.dtype)
-            result = _run_job(
-                entry,
+            done(JobResult(entry.line, "failed", out, entry.reason, 0.0, ConfigError.exit_code))
+    if ray_address is not None and jobs:
+        _ray_results(
+            jobs,
+            base,
+            ray_address,
+            resume=resume,
+            overwrite=overwrite,
+            job_file=source,
+            on_done=done,
+        )
+    for job in jobs if ray_address is None else ():
+        if model is None:
+            model = api.load_model(base.model, base.weights, base.device, base.dtype)
+        done(
+            _run_job(
+                job,
                 render_base,
                 model,
                 cache,
@@ -712,9 +808,8 @@ def run_batch(
                 job_file=source,
                 progress=progress,
             )
-        results.append(result)
-        report_to(result)
-        progress("jobs", i + 1, len(entries))
+        )
+    results.sort(key=lambda r: r.line)
     return BatchReport(
         job_file=source,
         jobs=results,

@@ -764,6 +764,14 @@ def batch(
     cache: Annotated[
         bool, typer.Option(help="Keep reference features in the disk cache too.")
     ] = True,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            metavar="ADDRESS",
+            help="Run the jobs on a Ray cluster: `local` starts one here, else its address "
+            "(e.g. ray://head:10001 or auto). One model per GPU, or per 2 CPUs.",
+        ),
+    ] = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
@@ -815,6 +823,7 @@ def batch(
                 overwrite=overwrite,
                 on_progress=on_progress,
                 on_result=failed_now,
+                ray_address=ray,
             )
     if as_json:
         _print_json(rep.to_dict())
