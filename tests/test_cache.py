@@ -50,3 +50,31 @@ def test_cache_key_depends_on_every_part():
     assert base != cache_key(b"pixelz", "lcp-tiny", "float32")
     assert base != cache_key(b"pixels", "lcp-tiny", "bfloat16")
     assert cache_key(b"ab", "c") != cache_key(b"a", "bc")  # parts are length-prefixed
+
+
+def _hammer(root: str, worker: int, rounds: int) -> list[str]:
+    """Save and load one shared entry ``rounds`` times; returns what was wrong."""
+    cache = FeatureCache(root)
+    problems = []
+    for i in range(rounds):
+        value = torch.full((256, 64), float(worker * 1000 + i))
+        cache.save("refbank", "shared", {"a": value, "b": value * 2}, model="lcp-tiny")
+        got = cache.load("refbank", "shared")
+        if got is None:  # a damaged entry would be detected, removed and reported here
+            problems.append(f"worker {worker} round {i}: entry missing or damaged")
+        elif not torch.equal(got["b"], got["a"] * 2) or got["a"].unique().numel() != 1:
+            problems.append(f"worker {worker} round {i}: a mix of two writers")
+    return problems
+
+
+def test_concurrent_processes_sharing_the_cache_never_see_a_torn_entry(tmp_path):
+    """Two processes writing and reading the same entry: atomic renames mean every read
+    is one writer's whole entry, and no temp file is left behind."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        results = pool.starmap(_hammer, [(str(tmp_path), w, 40) for w in range(2)])
+    assert results == [[], []]
+    assert not list(tmp_path.glob("*tmp*"))
+    assert len(FeatureCache(tmp_path).entries()) == 1

@@ -207,7 +207,7 @@ def test_malformed_job_files_become_bad_lines_or_config_errors(tmp_path, text, f
 # --- configs --------------------------------------------------------------------------------
 
 _CONFIGS = {
-    DenoiseConfig: ["steps", "guidance", "context_frames", "context_overlap", "noise_clamp"],
+    DenoiseConfig: ["steps", "guidance", "context_frames", "noise_clamp", "chunk_overlap"],
     LightningCPConfig: ["interval", "warmup", "threshold", "max_interval", "schedule"],
     DFAConfig: ["threshold", "dilate", "min_fraction", "max_fraction"],
     OutputConfig: ["fps", "size", "crf"],
