@@ -69,12 +69,14 @@ def _hammer(root: str, worker: int, rounds: int) -> list[str]:
 
 def test_concurrent_processes_sharing_the_cache_never_see_a_torn_entry(tmp_path):
     """Two processes writing and reading the same entry: atomic renames mean every read
-    is one writer's whole entry, and no temp file is left behind."""
+    is one writer's whole entry, and no temp file is left behind.  (This caught a real
+    race: reading tensors and digest through two opens paired two versions, so a good
+    entry looked damaged and was deleted.)"""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(2) as pool:
-        results = pool.starmap(_hammer, [(str(tmp_path), w, 40) for w in range(2)])
+        results = pool.starmap(_hammer, [(str(tmp_path), w, 150) for w in range(2)])
     assert results == [[], []]
     assert not list(tmp_path.glob("*tmp*"))
     assert len(FeatureCache(tmp_path).entries()) == 1
