@@ -402,3 +402,54 @@ def test_memo_returns_copies():
     again = memo.load("refbank", "k")
     assert set(again) == {"x", "__latents__"} and torch.equal(again["x"], torch.ones(2))
     assert memo.load("refbank", "other") is None and (memo.hits, memo.misses) == (2, 1)
+
+
+def test_interrupted_batch_keeps_finished_outputs_and_resumes(tmp_path, weights):
+    """SIGTERM in the middle of the second job: the first output stays complete, the
+    second leaves nothing, exit 130; ``--resume`` then skips the first and renders the rest."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from .cli_util import LCP
+
+    shutil.copy(FACE, tmp_path / "face.png")
+    shutil.copy(SHORT, tmp_path / "short.flac")
+    jobs = _write_jobs(
+        tmp_path,
+        [
+            {"face": "face.png", "audio": "short.flac", "output": "out/a.mp4"},
+            {"face": "face.png", "audio": "short.flac", "output": "out/b.mp4", "steps": 400},
+        ],
+    )
+    env = {**os.environ, "LCP_CACHE_DIR": str(tmp_path / "c")}
+    proc = subprocess.Popen(
+        [str(LCP), "batch", str(jobs), *TINY, "--weights", str(weights)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    first = tmp_path / "out" / "a.mp4.json"
+    try:
+        deadline = time.monotonic() + 120
+        while not first.exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        time.sleep(1.0)  # well into job 2's 400 steps
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.mp4", "a.mp4.json"]
+    # finish it quickly: the same job with fewer steps is a changed job, so rewrite line 2
+    jobs.write_text(jobs.read_text().replace('"steps": 400', '"steps": 1'))
+    again = run_lcp("batch", jobs, *TINY, "--weights", weights, "--resume", "--json",
+                    cache_dir=tmp_path / "c")  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    statuses = {r["line"]: r["status"] for r in json.loads(again.stdout)["jobs"]}
+    assert statuses == {1: "skipped", 2: "ok"}
