@@ -126,7 +126,7 @@ def resolve_denoise(cfg: RenderConfig, spec: ModelSpec) -> DenoiseConfig:
     )
 
 
-def _require_file(path: Path, what: str) -> None:
+def require_file(path: Path, what: str) -> None:
     if not path.exists():
         raise InputNotFoundError(f"{path}: {what} file does not exist")
     if not path.is_file():
@@ -153,8 +153,8 @@ def render(
     progress = on_progress or (lambda stage, done, total: None)
     face_path, audio_path, out = Path(request.face), Path(request.audio), Path(request.output)
     check_output_path(out, cfg.output.overwrite)
-    _require_file(face_path, "face image")
-    _require_file(audio_path, "audio")
+    require_file(face_path, "face image")
+    require_file(audio_path, "audio")
     spec = model.spec if model is not None else get_model_spec(cfg.model)
     fps = cfg.output.fps or spec.fps
     out_height = cfg.output.size
@@ -405,8 +405,8 @@ def evaluate(
     cfg = config or EvalConfig()
     m = load_model(model, weights, device, dtype)
     for face, speech in portraits:
-        _require_file(Path(face), "face image")
-        _require_file(Path(speech), "audio")
+        require_file(Path(face), "face image")
+        require_file(Path(speech), "audio")
     heldout = None
     if corpus is not None:
         corpus = Path(corpus)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from .cache import FeatureCache
-from .config import ProgressFn, RenderConfig
+from .config import ProgressFn, RenderConfig, parse_key_steps
 from .errors import (
     BatchFailedError,
     ConfigError,
@@ -119,19 +119,14 @@ def _as_str(value: Any) -> str:
 
 def _as_key_steps(value: Any) -> tuple[int, ...]:
     """``[0, 1, 3]`` or ``"0,1,3"`` (as ``--key-steps`` takes it)."""
-    if isinstance(value, str):
-        items: Iterable[Any] = [s for s in value.split(",") if s.strip()]
-    elif isinstance(value, list):
-        items = value
-    else:
+    if isinstance(value, list):
+        value = ",".join(str(_as_int(v)) for v in value)
+    if not isinstance(value, str):
         raise ValueError(f"expected integers like 0,2,5, not {value!r}")
     try:
-        steps = tuple(_as_int(s) for s in items)
-    except ValueError:
-        raise ValueError(f"expected integers like 0,2,5, not {value!r}") from None
-    if not steps:
-        raise ValueError("expected at least one key step")
-    return steps
+        return parse_key_steps(value)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
 
 
 #: Per-job overrides: the names of ``lcp render``'s options (``cfg`` = ``--cfg``), each
@@ -608,8 +603,8 @@ def _run_job(
     note = None
     try:
         cfg = job_config(base, job.overrides)
-        api._require_file(job.face, "face image")
-        api._require_file(job.audio, "audio")
+        api.require_file(job.face, "face image")
+        api.require_file(job.audio, "audio")
         fingerprint = job_fingerprint(job, cfg, model)
         replace_existing = overwrite
         if out.exists() or out.is_symlink():

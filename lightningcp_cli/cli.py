@@ -234,17 +234,13 @@ def _accel_config(
     key_interval: int | None, key_steps: str | None, estimate: bool, dfa_dilate: float | None
 ) -> AccelConfig:
     """The acceleration knobs of the command line; the rest keep their defaults."""
-    from .errors import ConfigError
+    from .config import parse_key_steps
 
     lcp = LightningCPConfig(estimate=estimate)
     if key_interval is not None:
         lcp = replace(lcp, interval=key_interval)
     if key_steps is not None:
-        try:
-            steps = tuple(int(s) for s in key_steps.split(",") if s.strip())
-        except ValueError:
-            raise ConfigError(f"--key-steps {key_steps!r}: expected integers like 0,2,5") from None
-        lcp = replace(lcp, schedule="list", key_steps=steps)
+        lcp = replace(lcp, schedule="list", key_steps=parse_key_steps(key_steps, "--key-steps"))
     dfa = DFAConfig() if dfa_dilate is None else DFAConfig(dilate=dfa_dilate)
     return AccelConfig(lightningcp=lcp, dfa=dfa)
 

@@ -120,6 +120,18 @@ class OutputConfig:
 KEY_SCHEDULES = ("uniform", "list", "adaptive")
 
 
+def parse_key_steps(text: str, name: str = "key steps") -> tuple[int, ...]:
+    """``"0,2,5"`` (``--key-steps``, a job file's ``key_steps``) -> ``(0, 2, 5)``; errors
+    name the setting as ``name``."""
+    try:
+        steps = tuple(int(s) for s in str(text).split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"{name} {text!r}: expected integers like 0,2,5") from None
+    if not steps:
+        raise ConfigError(f"{name} {text!r}: expected at least one step, like 0,2,5")
+    return steps
+
+
 @dataclass(frozen=True)
 class LightningCPConfig:
     """LightningCP: which steps are key steps and how the others are predicted.

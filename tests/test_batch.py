@@ -453,3 +453,20 @@ def test_interrupted_batch_keeps_finished_outputs_and_resumes(tmp_path, weights)
     assert again.returncode == 0, again.stderr
     statuses = {r["line"]: r["status"] for r in json.loads(again.stdout)["jobs"]}
     assert statuses == {1: "skipped", 2: "ok"}
+
+
+def test_key_steps_parse_alike_on_the_command_line_and_in_job_files():
+    from lightningcp_cli.config import parse_key_steps
+
+    assert parse_key_steps("0, 2,5") == (0, 2, 5)
+    for bad in ("0,two", "", ","):
+        with pytest.raises(ConfigError):
+            parse_key_steps(bad)
+    entries = parse_jobs(
+        '{"face": "f.png", "audio": "a.wav", "output": "o.mp4", "key_steps": [0, 3]}\n'
+        '{"face": "f.png", "audio": "a.wav", "output": "p.mp4", "key_steps": "0,x"}\n',
+        Path("."),
+        fmt="jsonl",
+    )
+    assert entries[0].overrides["key_steps"] == (0, 3)
+    assert isinstance(entries[1], BadLine) and "0,x" in entries[1].reason

@@ -34,7 +34,6 @@ from lightningcp_cli.errors import (
     AudioError,
     ConfigError,
     ImageError,
-    LcpError,
     ModelLoadError,
     NoFaceError,
 )
@@ -291,13 +290,6 @@ def test_cli_on_damaged_files_prints_one_line_and_a_documented_code(tmp_path, im
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "warning" not in ln]
     assert len(lines) == 1 and lines[0].startswith("lcp: error: "), proc.stderr
     assert not out.exists()
-
-
-def test_error_classes_keep_their_documented_codes():
-    codes = {ImageError: 11, NoFaceError: 12, AudioError: 13, ConfigError: 16}
-    codes[ModelLoadError] = 20
-    assert {cls: cls.exit_code for cls in codes} == codes
-    assert all(issubclass(cls, LcpError) for cls in codes)
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
