@@ -173,7 +173,7 @@ def render(
             load_audio(audio_path, cfg.audio.sample_rate)  # fail fast, before the model loads
         if model is None:
             with timer("load"):
-                model = load_model(spec, cfg.weights, cfg.device, cfg.dtype)
+                model = load_model(spec, cfg.weights, cfg.device, cfg.dtype, offload=cfg.offload)
         with timer("audio"):
             progress("audio", 0, 1)
             audio = prepare_audio(audio_path, model.audio_encoder, fps, cfg.audio)
@@ -187,7 +187,7 @@ def render(
             progress("reference", 1, 1)
         # Long audio streams: each chunk of latents is decoded and piped to ffmpeg before
         # the next is denoised, so memory does not grow with the video's length.
-        n = audio.tokens.shape[0]
+        n = audio.num_frames
         frames: list[np.ndarray] | None = [] if keep_frames else None
         crops: list[np.ndarray] | None = [] if keep_frames else None
         origin = latent_origin(model, ref)
@@ -197,7 +197,7 @@ def render(
         ):
             chunks = denoise_stream(
                 model.denoiser,
-                audio.tokens,
+                audio.windows,  # windows made per chunk: memory does not grow with length
                 locator_feature,
                 ref.bank,
                 resolve_denoise(cfg, spec),

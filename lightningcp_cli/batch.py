@@ -711,7 +711,9 @@ class RenderWorker:
 
         torch.set_num_threads(CPUS_PER_ACTOR)
         self.base = replace(base, use_cache=True)
-        self.model = api.load_model(base.model, base.weights, base.device, base.dtype)
+        self.model = api.load_model(
+            base.model, base.weights, base.device, base.dtype, offload=base.offload
+        )
         self.cache = ReferenceMemo(FeatureCache() if base.use_cache else None)
 
     def run(self, job: Job, resume: bool, overwrite: bool, job_file: str | None) -> JobResult:
@@ -791,7 +793,9 @@ def run_batch(
         )
     for job in jobs if ray_address is None else ():
         if model is None:
-            model = api.load_model(base.model, base.weights, base.device, base.dtype)
+            model = api.load_model(
+                base.model, base.weights, base.device, base.dtype, offload=base.offload
+            )
         done(
             _run_job(
                 job,

@@ -190,6 +190,14 @@ Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto.")]
 Dtype = Annotated[
     str | None, typer.Option(help="float32, float16 or bfloat16 (default: fp32 CPU, fp16 GPU).")
 ]
+Offload = Annotated[
+    bool,
+    typer.Option(
+        "--offload",
+        help="Keep the networks in CPU memory and move each to the GPU only while it runs "
+        "(one at a time): for 8-12 GB cards, at the cost of a few copies per render.",
+    ),
+]
 Accel = Annotated[str, typer.Option(help=f"Acceleration: {', '.join(ACCEL_METHODS)}.")]
 _ACCEL_PANEL = "Acceleration settings"
 KeyInterval = Annotated[
@@ -259,12 +267,14 @@ def _render_config(
     overwrite: bool = False,
     use_cache: bool = True,
     accel_config: AccelConfig | None = None,
+    offload: bool = False,
 ) -> RenderConfig:
     return RenderConfig(
         model=model,
         weights=weights,
         device=device,
         dtype=dtype,
+        offload=offload,
         accel=accel,
         accel_config=accel_config or AccelConfig(),
         use_cache=use_cache,
@@ -290,6 +300,7 @@ def render(
     size: Size = None,
     device: Device = "cpu",
     dtype: Dtype = None,
+    offload: Offload = False,
     accel: Accel = "none",
     key_interval: KeyInterval = None,
     key_steps: KeySteps = None,
@@ -325,6 +336,7 @@ def render(
             overwrite,
             cache,
             _accel_config(key_interval, key_steps, estimate, dfa_dilate),
+            offload,
         )
         with _progress(quiet) as on_progress:
             result = api.render(
@@ -363,6 +375,7 @@ def bench(
     seed: Seed = 420,
     device: Device = "cpu",
     dtype: Dtype = None,
+    offload: Offload = False,
     key_interval: KeyInterval = None,
     key_steps: KeySteps = None,
     estimate: Estimate = True,
@@ -396,6 +409,7 @@ def bench(
         cfg = _render_config(
             model, weights, steps, guidance, fps, seed, None, device, dtype, "none",
             accel_config=_accel_config(key_interval, key_steps, estimate, dfa_dilate),
+            offload=offload,
         )  # fmt: skip
         req = BenchRequest(face or ex_face, audio or ex_audio, tuple(methods or ACCEL_METHODS), cfg)
         with _progress(quiet) as on_progress:
@@ -436,6 +450,7 @@ def profile(
     seed: Seed = 420,
     device: Device = "cpu",
     dtype: Dtype = None,
+    offload: Offload = False,
     accel: Accel = "none",
     key_interval: KeyInterval = None,
     key_steps: KeySteps = None,
@@ -453,6 +468,7 @@ def profile(
             model, weights, steps, guidance, fps, seed, None, device, dtype, accel,
             overwrite=True,
             accel_config=_accel_config(key_interval, key_steps, estimate, dfa_dilate),
+            offload=offload,
         )  # fmt: skip
         with api.output_or_temp(output) as out_path, _progress(quiet) as on_progress:
             rep = run_profile(
@@ -752,6 +768,7 @@ def batch(
     size: Size = None,
     device: Device = "cpu",
     dtype: Dtype = None,
+    offload: Offload = False,
     accel: Accel = "none",
     key_interval: KeyInterval = None,
     key_steps: KeySteps = None,
@@ -804,6 +821,7 @@ def batch(
             model, weights, steps, guidance, fps, seed, size, device, dtype, accel,
             use_cache=cache,
             accel_config=_accel_config(key_interval, key_steps, estimate, dfa_dilate),
+            offload=offload,
         )  # fmt: skip
 
         def failed_now(result: Any) -> None:

@@ -237,6 +237,7 @@ class RenderConfig:
     weights: Path | None = None  # folder (or file) of weights; None: bundled / random
     device: str = "cpu"
     dtype: str | None = None  # float32 | float16 | bfloat16; None: fp32 on CPU, fp16 on GPU
+    offload: bool = False  # networks wait in CPU memory, one on the GPU at a time
     accel: str = "none"  # one of ACCEL_METHODS
     accel_config: AccelConfig = field(default_factory=AccelConfig)
     use_cache: bool = True  # static-feature (reference bank) disk cache

@@ -15,6 +15,7 @@ from lightningcp_cli.errors import AudioError, InputNotFoundError
 from lightningcp_cli.media import probe
 from lightningcp_cli.models.audio_encoder import AudioEncoder, MelAudioEncoder
 from lightningcp_cli.stages.audio import (
+    FrameWindows,
     _read_ffmpeg,
     _read_soundfile,
     audio_windows,
@@ -246,3 +247,29 @@ def test_prepare_audio(speech: np.ndarray) -> None:
     assert feats.audio.duration == pytest.approx(2.0)
     full = MelAudioEncoder().encode(speech)
     torch.testing.assert_close(feats.tokens, audio_windows(full, 48, 24))
+
+
+@pytest.mark.parametrize("fps", [24, 25, 30.0])
+def test_frame_windows_slices_equal_the_whole(fps: float) -> None:
+    """Renders take the windows one chunk at a time: every range equals the same rows of
+    the all-at-once windows, also at the clamped ends."""
+    feats = torch.randn(103, 5, 8)  # whisper-like: 5 layers
+    frames = num_video_frames(103 / 50, fps)
+    whole = audio_windows(feats, frames, fps)
+    lazy = FrameWindows(feats, frames, fps)
+    assert lazy.shape == tuple(whole.shape) and len(lazy) == frames
+    for a, b in [(0, frames), (0, 1), (5, 17), (frames - 3, frames), (frames - 1, frames + 9)]:
+        torch.testing.assert_close(lazy[a:b], whole[a:b], rtol=0, atol=0)
+    assert lazy[7:7].shape == (0, *whole.shape[1:])
+    with pytest.raises(TypeError):
+        lazy[3]  # type: ignore[index]
+    with pytest.raises(TypeError):
+        lazy[0:10:2]
+
+
+def test_prepare_audio_keeps_features_not_windows() -> None:
+    """Memory for long audio: the features (one row per 20 ms) are kept, the 10-row
+    windows per video frame are not made until a frame range asks for them."""
+    feats = prepare_audio(WAV, MelAudioEncoder(), fps=24, cfg=AudioConfig())
+    assert feats.windows.features.shape == (100, 1, 80)  # 2 s at 50 Hz
+    assert feats.windows.shape == (48, 10, 80)

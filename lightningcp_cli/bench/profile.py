@@ -93,7 +93,7 @@ def run_profile(
     from ..models.bundle import load_model
 
     cfg = request.config
-    model = load_model(cfg.model, cfg.weights, cfg.device, cfg.dtype)
+    model = load_model(cfg.model, cfg.weights, cfg.device, cfg.dtype, offload=cfg.offload)
     blocks = {
         **top_level_blocks("denoiser", model.denoiser),
         "reference_net": model.reference_net,

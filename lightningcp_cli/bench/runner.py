@@ -106,7 +106,7 @@ def run_bench(request: BenchRequest, *, on_progress: ProgressFn | None = None) -
     for m in fewer:
         _check_fewer_steps(m)
     cfg = replace(request.config, use_cache=False)  # every method pays the same reference pass
-    model = load_model(cfg.model, cfg.weights, cfg.device, cfg.dtype)
+    model = load_model(cfg.model, cfg.weights, cfg.device, cfg.dtype, offload=cfg.offload)
     steps = cfg.denoise.steps or model.spec.steps
     with tempfile.TemporaryDirectory(prefix="lcp-bench-") as tmp:
         out_dir = Path(tmp)

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError, DeviceError, ModelLoadError
 from .audio_encoder import AudioEncoder, MelAudioEncoder
 from .codec import LatentCodec, load_codec
 from .face_locator import FaceLocator
 from .loading import load_model_weights
+from .offload import ModelOffload
 from .registry import ModelSpec, get_model_spec
 from .unet import ReferenceNet, VideoUNet
 
@@ -44,6 +46,7 @@ class TalkingHeadModel:
     dtype: torch.dtype
     random_weights: bool
     weights_id: str  # identifies the weights for cache keys ("random:<seed>" or a digest)
+    offload: ModelOffload | None = None  # set: networks wait in CPU memory (--offload)
 
 
 def resolve_device(device: str, dtype: str | None) -> tuple[torch.device, torch.dtype]:
@@ -130,9 +133,14 @@ def load_model(
     dtype: str | None = None,
     *,
     seed: int = 0,
+    offload: bool = False,
 ) -> TalkingHeadModel:
+    """Load ``model`` (a name or spec) with ``weights`` (None: the bundled ones, else
+    random) on ``device``.  ``offload`` keeps the networks in CPU memory and moves each to
+    ``device`` only while it runs (:mod:`.offload`); on a CPU device it changes nothing."""
     spec = get_model_spec(model) if isinstance(model, str) else model
     dev, torch_dtype = resolve_device(device, dtype)
+    home = torch.device("cpu") if offload else dev  # where the weights are loaded to
     if weights is not None:
         weights = Path(weights)
         if not weights.exists():
@@ -142,7 +150,7 @@ def load_model(
     folder = weights or bundled_weights_dir(spec)
     audio_encoder = _audio_encoder(spec, folder, dev, torch_dtype)  # small: fail early
     torch.manual_seed(seed)  # random init (no weights) is reproducible
-    nets = load_model_weights(spec, folder, dev, torch_dtype)
+    nets = load_model_weights(spec, folder, home, torch_dtype)
     if nets.random_weights:
         warnings.warn(
             f"{spec.name}: no weights found, running with RANDOM weights "
@@ -150,7 +158,22 @@ def load_model(
             RandomWeightsWarning,
             stacklevel=2,
         )
-    codec = load_codec(spec.codec, spec.codec_factor, folder, dev, torch_dtype)
+    codec = load_codec(spec.codec, spec.codec_factor, folder, home, torch_dtype)
+    offloader = None
+    if offload:
+        networks: dict[str, nn.Module] = {}
+        whisper = getattr(audio_encoder, "model", None)
+        if isinstance(whisper, nn.Module):
+            networks["audio_encoder"] = whisper
+        networks.update(
+            reference_net=nets.reference_net,
+            face_locator=nets.face_locator,
+            denoiser=nets.denoiser,
+        )
+        vae = getattr(codec, "vae", None)
+        if isinstance(vae, nn.Module):
+            networks["vae"] = vae
+        offloader = ModelOffload(networks, dev)
     return TalkingHeadModel(
         spec=spec,
         reference_net=nets.reference_net.eval(),
@@ -162,4 +185,5 @@ def load_model(
         dtype=torch_dtype,
         random_weights=nets.random_weights,
         weights_id=f"random:{seed}" if folder is None else _weights_digest(folder),
+        offload=offloader,
     )

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from diffusers import DDIMScheduler
 
 from ..config import DenoiseConfig, ProgressFn
 from ..errors import NonFiniteError
+
+if TYPE_CHECKING:
+    from .audio import FrameWindows
 
 Bank = Mapping[str, torch.Tensor]
 
@@ -582,7 +585,7 @@ def denoise(
 
 def denoise_stream(
     denoiser: Denoiser,
-    audio_tokens: torch.Tensor,
+    audio_tokens: torch.Tensor | FrameWindows,
     face_feature: torch.Tensor | None,
     bank: Bank | None,
     cfg: DenoiseConfig,
@@ -600,7 +603,8 @@ def denoise_stream(
     A video that fits one chunk is exactly :func:`denoise` (EchoMimic's noise draw).  A
     longer one starts every frame from :func:`frame_noise`; the frames two chunks share
     are cross-faded linearly from the earlier chunk's to the later one's, so there is no
-    seam (both chunks denoise them from the same noise and audio).
+    seam (both chunks denoise them from the same noise and audio).  ``audio_tokens`` may
+    be :class:`~.audio.FrameWindows`, whose windows are then made one chunk at a time.
     """
     num_frames = audio_tokens.shape[0]
     plan = chunk_plan(num_frames, cfg.chunk_frames, cfg.chunk_overlap)
