@@ -47,12 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--accel", action="append", default=None)
-    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1, help="extra runs per method (best kept)")
+    ap.add_argument("--key-interval", type=int, default=None, help="LightningCP key interval")
+    ap.add_argument("--batch-limit", type=int, default=0, help="non-key steps per batched call")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
     from lightningcp_cli.accel import build_sampler
-    from lightningcp_cli.config import AccelConfig
+    from lightningcp_cli.config import AccelConfig, LightningCPConfig
 
     spec = get_model_spec(args.model)
     device, dtype = resolve_device(args.device, args.dtype)
@@ -84,24 +86,32 @@ def main(argv: list[str] | None = None) -> int:
         audio = torch.randn(args.frames, n_tokens, spec.unet.cross_attention_dim, generator=gen)
         audio = audio.to(device, dtype)
     cfg = DenoiseConfig(steps=args.steps or spec.steps, guidance=spec.guidance)
+    lcp = LightningCPConfig(batch_limit=args.batch_limit)
+    if args.key_interval is not None:
+        lcp = LightningCPConfig(interval=args.key_interval, batch_limit=args.batch_limit)
+    accel_config = AccelConfig(lightningcp=lcp)
     methods = list(dict.fromkeys(["none", *(args.accel or [])]))
+
+    def run(method: str, config: DenoiseConfig) -> float:
+        with torch.inference_mode(), build_sampler(method, model, face, accel_config) as sampler:
+            _sync(device)
+            t0 = time.perf_counter()
+            denoise(
+                model.denoiser, audio, face_feature, bank, config,
+                latent_shape=(spec.latent_channels, lat, lat), dtype=dtype, device=device,
+                sampler=sampler,
+            )  # fmt: skip
+            _sync(device)
+        return time.perf_counter() - t0
+
+    if args.repeat == 0:  # a single timed run per method: warm kernels and caches first
+        warm = run("none", DenoiseConfig(steps=1, guidance=spec.guidance))
+        print(f"# warm-up: one baseline step in {warm:.1f} s", flush=True)
     rows = []
     for method in methods:
-        best = float("inf")
-        for _ in range(args.repeat + 1):  # the first run warms up kernels and caches
-            with (
-                torch.inference_mode(),
-                build_sampler(method, model, face, AccelConfig()) as sampler,
-            ):
-                _sync(device)
-                t0 = time.perf_counter()
-                denoise(
-                    model.denoiser, audio, face_feature, bank, cfg,
-                    latent_shape=(spec.latent_channels, lat, lat), dtype=dtype, device=device,
-                    sampler=sampler,
-                )  # fmt: skip
-                _sync(device)
-            best = min(best, time.perf_counter() - t0)
+        # with --repeat N >= 1 the first of the N + 1 runs warms up kernels and caches
+        best = min(run(method, cfg) for _ in range(args.repeat + 1))
+        print(f"# {method}: {best:.1f} s", flush=True)
         rows.append({"method": method, "denoise_s": best, "frames_per_s": args.frames / best})
     base = rows[0]["denoise_s"]
     for r in rows:
@@ -120,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": cfg.steps,
         "guidance": cfg.guidance,
         "dtype": str(dtype),
+        "key_interval": lcp.interval,
+        "batch_limit": lcp.batch_limit,
         "results": rows,
     }
     print(f"# {report['command']}\n# {report['machine']}")

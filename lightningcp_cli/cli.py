@@ -234,17 +234,30 @@ DfaDilate = Annotated[
         rich_help_panel=_ACCEL_PANEL,
     ),
 ]
+BatchLimit = Annotated[
+    int | None,
+    typer.Option(
+        min=0,
+        help="LightningCP: at most N non-key steps per batched call (default 0 = all); "
+        "the video is the same, the memory smaller: use 1-2 at 512 px on small GPUs.",
+        rich_help_panel=_ACCEL_PANEL,
+    ),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
 
 def _accel_config(
-    key_interval: int | None, key_steps: str | None, estimate: bool, dfa_dilate: float | None
+    key_interval: int | None,
+    key_steps: str | None,
+    estimate: bool,
+    dfa_dilate: float | None,
+    batch_limit: int | None = None,
 ) -> AccelConfig:
     """The acceleration knobs of the command line; the rest keep their defaults."""
     from .config import parse_key_steps
 
-    lcp = LightningCPConfig(estimate=estimate)
+    lcp = LightningCPConfig(estimate=estimate, batch_limit=batch_limit or 0)
     if key_interval is not None:
         lcp = replace(lcp, interval=key_interval)
     if key_steps is not None:
@@ -306,6 +319,7 @@ def render(
     key_steps: KeySteps = None,
     estimate: Estimate = True,
     dfa_dilate: DfaDilate = None,
+    batch_limit: BatchLimit = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")
     ] = False,
@@ -335,7 +349,7 @@ def render(
             accel,
             overwrite,
             cache,
-            _accel_config(key_interval, key_steps, estimate, dfa_dilate),
+            _accel_config(key_interval, key_steps, estimate, dfa_dilate, batch_limit),
             offload,
         )
         with _progress(quiet) as on_progress:
@@ -380,6 +394,7 @@ def bench(
     key_steps: KeySteps = None,
     estimate: Estimate = True,
     dfa_dilate: DfaDilate = None,
+    batch_limit: BatchLimit = None,
     report: Annotated[
         Path | None, typer.Option("--out", help="Also write the report as Markdown here.")
     ] = None,
@@ -408,7 +423,7 @@ def bench(
         ex_face, ex_audio = api.example_inputs()
         cfg = _render_config(
             model, weights, steps, guidance, fps, seed, None, device, dtype, "none",
-            accel_config=_accel_config(key_interval, key_steps, estimate, dfa_dilate),
+            accel_config=_accel_config(key_interval, key_steps, estimate, dfa_dilate, batch_limit),
             offload=offload,
         )  # fmt: skip
         req = BenchRequest(face or ex_face, audio or ex_audio, tuple(methods or ACCEL_METHODS), cfg)
@@ -456,6 +471,7 @@ def profile(
     key_steps: KeySteps = None,
     estimate: Estimate = True,
     dfa_dilate: DfaDilate = None,
+    batch_limit: BatchLimit = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
@@ -467,7 +483,7 @@ def profile(
         cfg = _render_config(
             model, weights, steps, guidance, fps, seed, None, device, dtype, accel,
             overwrite=True,
-            accel_config=_accel_config(key_interval, key_steps, estimate, dfa_dilate),
+            accel_config=_accel_config(key_interval, key_steps, estimate, dfa_dilate, batch_limit),
             offload=offload,
         )  # fmt: skip
         with api.output_or_temp(output) as out_path, _progress(quiet) as on_progress:
@@ -774,6 +790,7 @@ def batch(
     key_steps: KeySteps = None,
     estimate: Estimate = True,
     dfa_dilate: DfaDilate = None,
+    batch_limit: BatchLimit = None,
     cache: Annotated[
         bool, typer.Option(help="Keep reference features in the disk cache too.")
     ] = True,
@@ -820,7 +837,7 @@ def batch(
         base = _render_config(
             model, weights, steps, guidance, fps, seed, size, device, dtype, accel,
             use_cache=cache,
-            accel_config=_accel_config(key_interval, key_steps, estimate, dfa_dilate),
+            accel_config=_accel_config(key_interval, key_steps, estimate, dfa_dilate, batch_limit),
             offload=offload,
         )  # fmt: skip
 

@@ -145,7 +145,10 @@ class LightningCPConfig:
     each on its real latents); ``estimate``: their input latents are estimated by
     stepping the scheduler with the key step's guided prediction (else all of them take
     the latents right after the key step).  ``static_cache``: reference and audio
-    keys/values computed once per video.  ``interval=1`` gives the uncached output.
+    keys/values computed once per video.  ``batch_limit``: at most this many non-key
+    steps per batched call (0: all of a group); the result is the same, the memory is
+    not (at 512 px, 14 batched steps of a 12-frame window with CFG are 336 images
+    through the last decoder layer).  ``interval=1`` gives the uncached output.
     """
 
     schedule: str = "uniform"
@@ -156,6 +159,7 @@ class LightningCPConfig:
     max_interval: int = 5
     parallel: bool = True
     estimate: bool = True
+    batch_limit: int = 0
     static_cache: bool = True
 
     def __post_init__(self) -> None:
@@ -170,6 +174,7 @@ class LightningCPConfig:
         _check(self.warmup >= 0, "warmup must be >= 0")
         _check(self.threshold > 0, "adaptive threshold must be > 0")
         _check(1 <= self.max_interval <= 100, "max interval must be in [1, 100]")
+        _check(self.batch_limit >= 0, "batch limit must be >= 0 (0: no limit)")
 
 
 @dataclass(frozen=True)

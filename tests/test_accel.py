@@ -544,6 +544,31 @@ def test_parallel_loop_equals_sequential_cheap_steps_on_the_estimated_inputs(set
     assert max(s.diffs) <= 1e-5
 
 
+def test_batch_limit_splits_the_calls_not_the_result(setup):
+    """``batch_limit`` bounds memory: at most that many cheap steps per call, and the
+    video equals the one of unlimited batches (inputs are estimated before any call)."""
+
+    class Sizes(LightningCPSampler):
+        def reset(self):
+            super().reset()
+            self.sizes = []
+
+        def predict_batch(self, latents, ctxs, audio, face_feature, bank):
+            self.sizes.append(len(ctxs))
+            return super().predict_batch(latents, ctxs, audio, face_feature, bank)
+
+    outs, sizes = [], []
+    for limit in (0, 2):
+        cfg = LightningCPConfig(interval=4, warmup=0, batch_limit=limit)
+        with Sizes(setup.model, cfg) as s:
+            outs.append(setup.run(s, frames=20, steps=8))
+            sizes.append(s.sizes)
+    assert sizes[0] == [3] * 6 and sizes[1] == [2, 1] * 6  # 2 groups x 3 windows
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError):
+        LightningCPConfig(batch_limit=-1)
+
+
 class IdealDenoiser(torch.nn.Module):
     """Exact v-prediction denoiser of a one-point data set: its noise prediction is the
     same all along the DDIM path, so held-noise estimation must reproduce that path."""

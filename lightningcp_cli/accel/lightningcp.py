@@ -328,7 +328,13 @@ class LightningCPSampler(Sampler):
                 step_index + size, num_steps, cfg
             ):
                 size += 1
-        return StepGroup(step_index, size, batched=cfg.parallel, estimate=cfg.estimate)
+        return StepGroup(
+            step_index,
+            size,
+            batched=cfg.parallel,
+            estimate=cfg.estimate,
+            batch_limit=cfg.batch_limit,
+        )
 
     def on_step_end(self, step_index: int, timestep: int, latents: torch.Tensor) -> None:
         if step_index in self.state.key_steps and self.config.schedule == "adaptive":

@@ -184,17 +184,23 @@ class StepGroup:
     ``estimate`` each next one is the previous one stepped by the scheduler with the
     lead step's guided prediction (held as a noise prediction, see :func:`noise_as`),
     without it every one is the latents after the lead step.  The real latents are then
-    rolled out step by step with each step's own (guided) prediction.
+    rolled out step by step with each step's own (guided) prediction.  ``batch_limit``
+    caps the steps per call (0: all of them); the inputs are estimated up front, so the
+    split changes memory, not the result.
     """
 
     start: int
     size: int = 1
     batched: bool = False
     estimate: bool = True
+    batch_limit: int = 0
 
     def __post_init__(self) -> None:
-        if self.start < 0 or self.size < 1:
-            raise ValueError(f"bad step group: start {self.start}, size {self.size}")
+        if self.start < 0 or self.size < 1 or self.batch_limit < 0:
+            raise ValueError(
+                f"bad step group: start {self.start}, size {self.size}, "
+                f"batch limit {self.batch_limit}"
+            )
 
     @property
     def steps(self) -> range:
@@ -518,29 +524,36 @@ def denoise(
         return guide(noise_pred / counter)
 
     def batched_steps(
-        steps: range, lead: int, windows: list[list[int]], inputs: list[torch.Tensor]
+        steps: range, lead: int, windows: list[list[int]], inputs: list[torch.Tensor], limit: int
     ) -> list[torch.Tensor]:
-        """Predict several steps at once per window; returns their guided predictions."""
+        """Predict several steps at once per window, at most ``limit`` (0: all) per call;
+        returns their guided predictions."""
         for s in steps:
             sampler.on_step_start(s, run.timesteps[s])
         n = len(steps)
+        per_call = limit or n
         noise_pred = torch.zeros((n, rows, *inputs[0].shape[1:]), device=device, dtype=dtype)
         counter = torch.zeros((1, 1, 1, num_frames, 1, 1), device=device, dtype=dtype)
         for window_index, frames in enumerate(windows):
-            ctxs = [step_context(s, window_index, windows, lead) for s in steps]
             idx = torch.tensor(frames, device=device)
-            window_latents = torch.cat(
-                [
-                    scheduler.scale_model_input(x[:, :, idx], timesteps[s])
-                    for s, x in zip(steps, inputs, strict=True)
-                ]
-            )
-            pred = sampler.predict_batch(window_latents, ctxs, audio[:, idx], face_feature, bank)
-            if pred.shape[:2] != (n, rows):
-                raise ValueError(
-                    f"predict_batch returned {tuple(pred.shape)}, expected [{n}, {rows}, ...]"
+            for lo in range(0, n, per_call):
+                part = steps[lo : lo + per_call]
+                ctxs = [step_context(s, window_index, windows, lead) for s in part]
+                window_latents = torch.cat(
+                    [
+                        scheduler.scale_model_input(x[:, :, idx], timesteps[s])
+                        for s, x in zip(part, inputs[lo : lo + per_call], strict=True)
+                    ]
                 )
-            noise_pred[:, :, :, idx] += pred
+                pred = sampler.predict_batch(
+                    window_latents, ctxs, audio[:, idx], face_feature, bank
+                )
+                if pred.shape[:2] != (len(part), rows):
+                    raise ValueError(
+                        f"predict_batch returned {tuple(pred.shape)}, "
+                        f"expected [{len(part)}, {rows}, ...]"
+                    )
+                noise_pred[lo : lo + len(part), :, :, idx] += pred
             counter[:, :, :, idx] += 1
         noise_pred = noise_pred / counter
         return [guide(noise_pred[i]) for i in range(n)]
@@ -576,7 +589,7 @@ def denoise(
                         x = estimator.step(noise_as(estimator, held, t, x), t, x, eta=0.0)
                         x = x.prev_sample
                     inputs.append(x)
-                preds = batched_steps(rest, step_index, windows, inputs)
+                preds = batched_steps(rest, step_index, windows, inputs, group.batch_limit)
                 for s, guided in zip(rest, preds, strict=True):
                     latents = advance(s, guided, latents)
             step_index = group.start + group.size
