@@ -225,6 +225,7 @@ class AccelConfig:
     lightningcp: LightningCPConfig = field(default_factory=LightningCPConfig)
     dfa: DFAConfig = field(default_factory=DFAConfig)
     drop_reference: tuple[str, ...] = ()
+    deepcache_interval: int = 3  # the DeepCache peer: a full step every N (its SD default)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "drop_reference", tuple(self.drop_reference))
@@ -232,6 +233,7 @@ class AccelConfig:
             all(isinstance(k, str) and k for k in self.drop_reference),
             "drop_reference must list block paths",
         )
+        _check(self.deepcache_interval >= 1, "DeepCache interval must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -362,6 +362,8 @@ def test_registry_factories(setup):
     model = SimpleNamespace(denoiser=setup.unet)
     cfg = SimpleNamespace(tome=ToMeConfig(ratio=0.25))  # an AccelConfig with a peer field
     assert isinstance(build_deepcache(model, None, object()), DeepCacheSampler)
+    every5 = build_deepcache(model, None, SimpleNamespace(deepcache_interval=5))
+    assert every5.config.cache_interval == 5
     assert isinstance(build_pab(model, None, object()), PABSampler)
     assert build_tome(model, None, cfg).config.ratio == 0.25
 
@@ -412,6 +414,26 @@ def test_bench_runs_fewer_steps_last_with_its_step_count():
     assert "fewer-steps@1: 1 of 2 steps" in report_markdown(rep)
     with pytest.raises(ConfigError):
         tiny_bench("fewer-steps@0", steps=2)
+
+
+def test_bench_methods_may_carry_their_interval():
+    """Peers compared at matched speed: NAME@N sets DeepCache's or LightningCP's
+    interval for that row only; anything else is refused before a render."""
+    from lightningcp_cli.bench.runner import method_config
+    from lightningcp_cli.config import RenderConfig
+
+    base = RenderConfig()
+    deep = method_config("deepcache@12", base)
+    assert deep.accel == "deepcache" and deep.accel_config.deepcache_interval == 12
+    full = method_config("full@3", base)
+    assert full.accel == "full" and full.accel_config.lightningcp.interval == 3
+    assert method_config("tome", base).accel_config == base.accel_config
+    for bad in ("tome@2", "full@0", "deepcache@x", "nope"):
+        with pytest.raises(ConfigError):
+            method_config(bad, base)
+    rep = tiny_bench("deepcache@2", steps=2)
+    assert [r.method for r in rep.results] == ["none", "deepcache@2"]
+    assert rep.results[1].fidelity
 
 
 @pytest.mark.skipif(

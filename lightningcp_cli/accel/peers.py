@@ -908,7 +908,8 @@ def make_peer_sampler(name: str, denoiser: Denoiser, config: Any = None) -> Peer
 
 
 def build_deepcache(model: Any, face: Any, config: Any) -> DeepCacheSampler:
-    return DeepCacheSampler(model.denoiser, getattr(config, "deepcache", None))
+    interval = getattr(config, "deepcache_interval", DeepCacheConfig.cache_interval)
+    return DeepCacheSampler(model.denoiser, DeepCacheConfig(cache_interval=interval))
 
 
 def build_tome(model: Any, face: Any, config: Any) -> ToMeSampler:

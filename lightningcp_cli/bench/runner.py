@@ -5,6 +5,10 @@ steps and windows, in one process, so the speedups are ratios measured in one ru
 Fidelity is measured against the baseline's frames (PSNR/SSIM of the whole frame and
 the face crop, mouth-landmark distance); lip sync (see :mod:`.quality`) for every method.
 
+A method may carry its interval: ``deepcache@12`` (a full UNet step every 12) or
+``full@3`` (a LightningCP key step every 3; also ``lightningcp@N``, ``lightningcp+dfa@N``),
+so peers can be compared at matched speed; the row keeps that label.
+
 ``fewer-steps`` (a peer: the baseline with fewer DDIM steps at the same wall time) runs
 after every other method: ``fewer-steps@8`` uses 8 steps, ``fewer-steps@<method>`` the
 step count whose denoise time matches that method's, plain ``fewer-steps`` matches
@@ -105,6 +109,8 @@ def run_bench(request: BenchRequest, *, on_progress: ProgressFn | None = None) -
     regular = [m for m in methods if m not in fewer]
     for m in fewer:
         _check_fewer_steps(m)
+    for m in regular:
+        method_config(m, request.config)  # a bad name or interval fails before any render
     cfg = replace(request.config, use_cache=False)  # every method pays the same reference pass
     model = load_model(cfg.model, cfg.weights, cfg.device, cfg.dtype, offload=cfg.offload)
     steps = cfg.denoise.steps or model.spec.steps
@@ -155,7 +161,7 @@ def run_bench(request: BenchRequest, *, on_progress: ProgressFn | None = None) -
             return mr
 
         for i, method in enumerate(regular):
-            measure(i, method, replace(cfg, accel=method))
+            measure(i, method, method_config(method, cfg))
         for i, spec in enumerate(fewer, start=len(regular)):
             n, note = _fewer_steps(spec, steps, results)
             mcfg = replace(cfg, accel=BASELINE, denoise=replace(cfg.denoise, steps=n))
@@ -174,6 +180,29 @@ def run_bench(request: BenchRequest, *, on_progress: ProgressFn | None = None) -
         fps=baseline[0].fps,
         results=results,
     )
+
+
+_INTERVAL_METHODS = ("deepcache", "lightningcp", "lightningcp+dfa", "full")
+
+
+def method_config(method: str, cfg: RenderConfig) -> RenderConfig:
+    """``cfg`` rendering with ``method``: a name of ``ACCEL_METHODS``, or ``NAME@N`` for
+    the methods with an interval (DeepCache's cache interval, LightningCP's key interval)."""
+    name, at, arg = method.partition("@")
+    if not at:
+        return replace(cfg, accel=name)
+    if name not in _INTERVAL_METHODS or not arg.isdigit() or int(arg) < 1:
+        raise ConfigError(
+            f"{method}: NAME@N takes an interval N >= 1 and one of {', '.join(_INTERVAL_METHODS)}"
+        )
+    acc = cfg.accel_config
+    if name == "deepcache":
+        acc = replace(acc, deepcache_interval=int(arg))
+    else:
+        acc = replace(
+            acc, lightningcp=replace(acc.lightningcp, schedule="uniform", interval=int(arg))
+        )
+    return replace(cfg, accel=name, accel_config=acc)
 
 
 def _check_fewer_steps(spec: str) -> None:
