@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from long_audio_memory import _speech  # this folder is on sys.path when run as a script
+from long_audio_memory import _speech, run_info  # this folder is on sys.path as a script
 
 _CHILD = r"""
 import json, resource, sys
@@ -68,8 +67,7 @@ def main() -> None:
                 flush=True,
             )
     report = {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {platform.platform()}",
+        **run_info(),
         "fps": args.fps,
         "rows": rows,
     }

@@ -56,6 +56,14 @@ def _speech(seconds: float, folder: Path) -> Path:
     return path
 
 
+def run_info() -> dict[str, str]:
+    """The command line and machine of this benchmark run, for its JSON report."""
+    return {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": f"{platform.machine()}, {platform.platform()}",
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, nargs="+", default=[10, 60, 600])
@@ -84,8 +92,7 @@ def main() -> None:
                 flush=True,
             )
     report = {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {platform.platform()}",
+        **run_info(),
         "steps": args.steps,
         "fps": args.fps,
         "chunked": not args.unchunked,
