@@ -23,6 +23,7 @@ from lightningcp_cli.stages.audio import (
     log_mel,
     num_video_frames,
     prepare_audio,
+    window_position_code,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -273,3 +274,24 @@ def test_prepare_audio_keeps_features_not_windows() -> None:
     feats = prepare_audio(WAV, MelAudioEncoder(), fps=24, cfg=AudioConfig())
     assert feats.windows.features.shape == (100, 1, 80)  # 2 s at 50 Hz
     assert feats.windows.shape == (48, 10, 80)
+
+
+def test_window_position_code_tells_the_rows_of_a_window_apart() -> None:
+    """Log-mel rows carry no time: with the code, every row of a window gets its
+    offset's sinusoid added (the same for every frame and layer), and the W codes differ."""
+    feats = torch.randn(80, 2, 16)
+    plain = FrameWindows(feats, 30, 24)
+    coded = FrameWindows(feats, 30, 24, position=0.5)
+    code = window_position_code(10, 16, 0.5)  # [W, D]
+    assert code.shape == (10, 16) and float(code.abs().max()) <= 0.5
+    assert torch.cdist(code, code).add(torch.eye(10)).min() > 0.1  # all offsets distinct
+    diff = (coded[3:9] - plain[3:9]).view(6, 10, 2, 16)
+    torch.testing.assert_close(diff, code[None, :, None, :].expand(6, 10, 2, 16))
+    torch.testing.assert_close(audio_windows(feats, 30, 24, position=0.5), coded[:])
+
+
+def test_prepare_audio_adds_the_encoders_window_code() -> None:
+    plain = prepare_audio(WAV, MelAudioEncoder(), fps=24)
+    coded = prepare_audio(WAV, MelAudioEncoder(window_position=0.5), fps=24)
+    code = window_position_code(10, 80, 0.5)
+    torch.testing.assert_close(coded.tokens - plain.tokens, code[None].expand(48, 10, 80))

@@ -274,19 +274,28 @@ def test_render_frames_identity(portrait: FaceAnalysis) -> None:
         render_frames(codec, latents[..., :32, :32], portrait)
 
 
-def test_dct_codec_round_trip_on_a_real_face_crop():
-    """The lcp-tiny codec keeps a face crop at ~31 dB and has unit-scale latents."""
+@pytest.mark.parametrize(("color", "channels"), [("rgb", 48), ("ycbcr", 32)])
+def test_dct_codec_round_trip_on_a_real_face_crop(color: str, channels: int):
+    """The DCT codecs (lcp-tiny: YCbCr) keep a face crop at ~31 dB and have unit-scale
+    latents; the YCbCr one, with fewer channels, keeps more luma detail."""
     from lightningcp_cli.models.codec import DctCodec, image_to_tensor
 
     crop = analyze_face(load_image(DATA / "face_a.png"), FaceConfig(), 128).crop
-    codec = DctCodec()
+    codec = DctCodec(color=color)
     x = image_to_tensor(crop)
     z = codec.encode(x)
-    assert z.shape == (1, 48, 16, 16) == (1, codec.channels, 16, 16)
+    assert z.shape == (1, channels, 16, 16) == (1, codec.channels, 16, 16)
     assert 0.3 < float(z[:, 1:].std()) < 3.0  # scaled like a VAE latent, not raw coefficients
     mse = float(((codec.decode(z) - x) ** 2).mean())
     psnr = 10 * np.log10(4.0 / mse)
-    assert 28.0 < psnr < 45.0  # lossy (16 of 64 frequencies) but faithful
+    assert 28.0 < psnr < 45.0  # lossy (16 or 24 of 64 frequencies) but faithful
+
+    def luma_error(c: DctCodec) -> float:
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return float((((c.decode(c.encode(x)) - x) * weights).sum(1) ** 2).mean())
+
+    if color == "ycbcr":  # 24 luma frequencies against 16 per RGB channel
+        assert luma_error(codec) < 0.8 * luma_error(DctCodec(color="rgb"))
     smooth = torch.nn.functional.avg_pool2d(x, 8).repeat_interleave(8, 2).repeat_interleave(8, 3)
     assert torch.allclose(codec.decode(codec.encode(smooth)), smooth, atol=1e-5)  # DC exact
 

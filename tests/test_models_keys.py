@@ -253,9 +253,10 @@ def test_named_specs():
     assert (acc.steps, acc.guidance, acc.weight_suffix) == (6, 1.0, "_acc")
     assert acc.unet == full.unet and full.bank_dtype == "float16"
     assert full.unet.cross_attention_dim == 384 and full.unet.audio_scale == 3.0
-    assert tiny.latent_channels == 48 and tiny.latent_size == 16 and tiny.bank_dtype is None
-    assert tiny.codec == "dct" and tiny.latent_origin == "reference"
+    assert tiny.latent_channels == 32 and tiny.latent_size == 16 and tiny.bank_dtype is None
+    assert tiny.codec == "dct-ycbcr" and tiny.latent_origin == "reference"
     assert tiny.prediction_type == "sample" and full.prediction_type == "v_prediction"
+    assert tiny.audio_window_position > 0 and full.audio_window_position == 0
     assert tiny.face_locator.downsample_factor == tiny.codec_factor
     with pytest.raises(ConfigError, match="echomimic-v1.*lcp-tiny"):
         get_model_spec("nope")
@@ -272,3 +273,5 @@ def test_config_validation():
         replace(get_model_spec("lcp-tiny"), face_locator=FaceLocatorConfig(64, 1, (8, 16, 32, 64)))
     with pytest.raises(ValueError, match="latent_channels"):
         replace(get_model_spec("echomimic-v1"), latent_channels=8)
+    with pytest.raises(ValueError, match="audio_window_position needs the mel encoder"):
+        replace(get_model_spec("echomimic-v1"), audio_window_position=0.5)

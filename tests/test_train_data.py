@@ -138,8 +138,13 @@ def test_burst_opening_and_audio_windows_align(bank: FaceBank) -> None:
     opening, _ = ds.curves(u, offset, 12)
     assert opening[:4].max() == 0 and opening[4:12].min() > 0.3
     tokens = ds.tokens(u, offset, 12)
-    full = audio_windows(torch.from_numpy(u.mel.astype(np.float32)), 40, 24)
+    mel = torch.from_numpy(u.mel.astype(np.float32))
+    full = audio_windows(mel, 40, 24)
     assert torch.equal(tokens, full[offset : offset + 12])
+    # a model trained with the window-position code gets the code render adds
+    coded = TalkingFaceDataset(SpeechCorpus([u]), bank, "train", config=STILL, window_position=0.5)
+    expected = audio_windows(mel, 40, 24, position=0.5)[offset : offset + 12]
+    assert torch.equal(coded.tokens(u, offset, 12), expected)
     level = tokens.max(dim=2).values  # [F, 10]: window row r is feature c - 4 + r
     # Feature 50 (1.0 s) is the burst's first.  Clip frame 4 = video frame 24: c = 50, so
     # rows 0-3 are silent and row 4 is loud; clip frame 3 = video frame 23: c = 47, the

@@ -95,15 +95,23 @@ def generate_clip(
         return list(decode_frames(model.codec, latents, origin=origin))
 
 
-def heldout_samples(corpus: Path, config: EvalConfig) -> list[dict[str, Any]]:
+def heldout_samples(
+    corpus: Path, config: EvalConfig, window_position: float = 0.0
+) -> list[dict[str, Any]]:
     """``config.clips`` held-out clips of ``config.frames`` frames, with the speech
-    envelope of their frames (``envelope``)."""
+    envelope of their frames (``envelope``); audio tokens for a model whose spec has
+    ``audio_window_position = window_position``."""
     from ..train.dataset import SynthesisConfig, TalkingFaceDataset
     from ..train.speech import SAMPLE_RATE, frame_envelope
 
     synth = SynthesisConfig(num_frames=config.frames)
     data = TalkingFaceDataset.from_folder(
-        corpus, "heldout", config=synth, seed=config.seed, length=config.clips
+        corpus,
+        "heldout",
+        config=synth,
+        seed=config.seed,
+        length=config.clips,
+        window_position=window_position,
     )
     samples = []
     for i in range(config.clips):
@@ -126,7 +134,7 @@ def eval_heldout(
     """Scores on held-out corpus clips: per-clip rows and their means."""
     progress = on_progress or (lambda stage, done, total: None)
     rows = []
-    samples = heldout_samples(corpus, config)
+    samples = heldout_samples(corpus, config, model.spec.audio_window_position)
     for i, s in enumerate(samples):
         frames = generate_clip(
             model, s["reference"], s["face_mask"], s["tokens"], config.denoise, config.accel

@@ -45,18 +45,21 @@ class MelAudioEncoder:
     RANGE = 8.0  # decades of mel power between +1 and -1
     FLOOR = -1.0  # lowest reference level, log10 of mel power (speech peaks sit near +1.4)
 
-    def __init__(self, n_mels: int = 80) -> None:
+    def __init__(self, n_mels: int = 80, window_position: float = 0.0) -> None:
         if n_mels < 1:
             raise ValueError(f"n_mels must be >= 1, not {n_mels}")
         self.name = f"mel{n_mels}"
         self.n_mels = n_mels
+        # amplitude of the offset code the audio stage adds to each window row (log-mel
+        # rows carry no time of their own; see stages.audio.window_position_code)
+        self.window_position = float(window_position)
         self.layers = 1
         self.dim = n_mels
         self.feature_rate = 50
         self.sample_rate = 16_000
 
     def __repr__(self) -> str:
-        return f"MelAudioEncoder(n_mels={self.n_mels})"
+        return f"MelAudioEncoder(n_mels={self.n_mels}, window_position={self.window_position})"
 
     def encode(self, samples_16k: np.ndarray) -> torch.Tensor:
         power = mel_power(

@@ -97,7 +97,7 @@ def _audio_encoder(
     """The spec's audio encoder.  whisper-tiny runs in float32 on CPU and, like EchoMimic's
     ``transcribe`` default, in float16 on a GPU unless float32 is asked for."""
     if spec.audio_encoder == "mel":
-        return MelAudioEncoder(n_mels=spec.unet.cross_attention_dim)
+        return MelAudioEncoder(spec.unet.cross_attention_dim, spec.audio_window_position)
     if spec.audio_encoder == "whisper-tiny":
         from .whisper import load_whisper_encoder
 

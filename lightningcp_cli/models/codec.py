@@ -118,53 +118,99 @@ DCT_COEFFICIENT_STD = (
     4.2, 0.98, 0.8, 0.37, 0.38, 0.51, 0.29, 0.22, 0.22, 0.22, 0.13, 0.15, 0.16, 0.16, 0.21, 0.15
 )  # fmt: skip
 
+#: JPEG's (BT.601 full-range) RGB -> YCbCr matrix; rows Y, Cb, Cr.
+YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+
+#: The same for Y (24 frequencies), Cb and Cr (4 each), measured on 120 training frames
+#: of the data engine's corpus (128 px).
+YCBCR_COEFFICIENT_STD = (
+    (3.74, 0.76, 0.65, 0.32, 0.31, 0.33, 0.19, 0.17, 0.18, 0.18, 0.10, 0.12,
+     0.12, 0.11, 0.12, 0.075, 0.073, 0.08, 0.085, 0.075, 0.063, 0.043, 0.047, 0.058),
+    (1.23, 0.17, 0.12, 0.051),
+    (1.58, 0.22, 0.17, 0.068),
+)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class DctCodec:
-    """Weight-free JPEG-like codec: the ``coefficients`` lowest zigzag DCT frequencies of
-    each ``factor x factor`` block of each RGB channel, scaled to unit variance.
+    """Weight-free JPEG-like codec: the lowest zigzag DCT frequencies of each ``factor x
+    factor`` block of each colour channel, scaled to unit variance.
+
+    ``color="rgb"`` keeps ``coefficients`` frequencies of each of R, G and B (48 latent
+    channels at 16).  ``color="ycbcr"`` converts to JPEG's YCbCr first and keeps 24
+    frequencies of luma but 4 of each chroma channel (32 channels): the eye, and face
+    mesh, find lips by their luma edges, so the same budget goes where the mouth's detail
+    is (mouth-box round trip on corpus crops: 27.9 dB against 24.6 dB for RGB x 16).
 
     Why not raw pixels: a pixel-unshuffled patch has ``3 * factor**2`` channels (192 at
     factor 8), and a small UNet trained with v-prediction on them never learned the
-    low-noise steps (measured).  Keeping 16 frequencies per channel (48 latent
-    channels) drops only detail finer than a face crop needs: the round trip reaches
-    ~31 dB PSNR on 128 px face crops.
+    low-noise steps (measured).  The round trip reaches ~31 dB PSNR on 128 px face crops.
     """
 
     factor: int = 8
     coefficients: int = 16
+    color: str = "rgb"
 
     def __post_init__(self) -> None:
         if self.factor != 8 or not 1 <= self.coefficients <= len(DCT_COEFFICIENT_STD):
             raise ValueError("DCT codec: factor 8 and 1..16 coefficients are supported")
+        if self.color not in ("rgb", "ycbcr"):
+            raise ValueError(f"DCT codec: color must be 'rgb' or 'ycbcr', not {self.color!r}")
+
+    @property
+    def _stds(self) -> tuple[tuple[float, ...], ...]:
+        """Per colour channel, the kept frequencies' standard deviations."""
+        if self.color == "ycbcr":
+            return YCBCR_COEFFICIENT_STD
+        return (DCT_COEFFICIENT_STD[: self.coefficients],) * 3
 
     @property
     def channels(self) -> int:
-        return 3 * self.coefficients
+        return sum(len(s) for s in self._stds)
 
-    def _basis(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _basis(self, like: torch.Tensor) -> torch.Tensor:
         d = _dct_matrix(self.factor)
-        picked = _zigzag(self.factor)[: self.coefficients]
-        basis = torch.stack([torch.outer(d[u], d[v]).flatten() for u, v in picked])  # [K, 64]
-        std = torch.tensor(DCT_COEFFICIENT_STD[: self.coefficients])
-        return basis.to(like.device, like.dtype), std.to(like.device, like.dtype)
+        basis = torch.stack([torch.outer(d[u], d[v]).flatten() for u, v in _zigzag(self.factor)])
+        return basis.to(like.device, like.dtype)  # [64, 64], zigzag order
+
+    def _color(self, like: torch.Tensor, inverse: bool = False) -> torch.Tensor | None:
+        if self.color == "rgb":
+            return None
+        m = torch.tensor(YCBCR, dtype=torch.float64)
+        return (torch.linalg.inv(m) if inverse else m).to(like.device, like.dtype)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         _check_images(images, self.factor)
         n, c, h, w = images.shape
         f = self.factor
+        m = self._color(images)
+        if m is not None:
+            images = torch.einsum("dc,nchw->ndhw", m, images)
         blocks = F.pixel_unshuffle(images, f).view(n, c, f * f, h // f, w // f)
-        basis, std = self._basis(images)
-        coef = torch.einsum("kp,ncpij->nckij", basis, blocks) / std[None, None, :, None, None]
-        return coef.reshape(n, c * self.coefficients, h // f, w // f)
+        coef = torch.einsum("kp,ncpij->nckij", self._basis(images), blocks)
+        parts = []
+        for ch, std in enumerate(self._stds):
+            scale = torch.tensor(std, device=images.device, dtype=images.dtype)
+            parts.append(coef[:, ch, : len(std)] / scale[None, :, None, None])
+        return torch.cat(parts, dim=1)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         _check_latents(latents, self.channels)
         n, _, h, w = latents.shape
-        basis, std = self._basis(latents)
-        coef = latents.view(n, 3, self.coefficients, h, w) * std[None, None, :, None, None]
-        blocks = torch.einsum("kp,nckij->ncpij", basis, coef)
-        return F.pixel_shuffle(blocks.reshape(n, 3 * self.factor**2, h, w), self.factor)
+        f = self.factor
+        coef = latents.new_zeros(n, 3, f * f, h, w)
+        start = 0
+        for ch, std in enumerate(self._stds):
+            scale = torch.tensor(std, device=latents.device, dtype=latents.dtype)
+            k = len(std)
+            coef[:, ch, :k] = latents[:, start : start + k] * scale[None, :, None, None]
+            start += k
+        blocks = torch.einsum("kp,nckij->ncpij", self._basis(latents), coef)
+        images = F.pixel_shuffle(blocks.reshape(n, 3 * f * f, h, w), f)
+        m = self._color(latents, inverse=True)
+        if m is not None:
+            images = torch.einsum("dc,nchw->ndhw", m, images)
+        return images
 
 
 class VaeCodec:
@@ -271,10 +317,13 @@ def load_codec(
     """
     if kind == "pixel":
         return PixelCodec(factor=4 if factor is None else int(factor))
-    if kind == "dct":
-        return DctCodec(factor=8 if factor is None else int(factor))
+    if kind in ("dct", "dct-ycbcr"):
+        color = "ycbcr" if kind == "dct-ycbcr" else "rgb"
+        return DctCodec(factor=8 if factor is None else int(factor), color=color)
     if kind != "sd-vae":
-        raise ConfigError(f"unknown codec {kind!r} (expected 'pixel', 'dct' or 'sd-vae')")
+        raise ConfigError(
+            f"unknown codec {kind!r} (expected 'pixel', 'dct', 'dct-ycbcr' or 'sd-vae')"
+        )
     if folder is None:
         raise ModelLoadError("sd-vae codec: no weights folder given (it needs a VAE folder)")
     folder = Path(folder)

@@ -17,7 +17,7 @@ from .face_locator import FaceLocatorConfig
 from .unet import UNetConfig
 
 AUDIO_ENCODERS = ("mel", "whisper-tiny")
-CODECS = ("pixel", "dct", "sd-vae")
+CODECS = ("pixel", "dct", "dct-ycbcr", "sd-vae")
 LATENT_ORIGINS = ("zero", "reference")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -37,6 +37,9 @@ class ModelSpec:
     reference crop, so a still face is all zeros and the network only has to generate
     what moves; decode adds the reference back).  ``prediction_type`` is what the
     denoiser outputs (diffusers' names): EchoMimic predicts v, lcp-tiny the clean latent.
+    ``audio_window_position`` is the amplitude of the offset code added to each row of a
+    frame's audio window (:func:`~lightningcp_cli.stages.audio.window_position_code`; 0:
+    none, as EchoMimic, whose whisper rows carry their time themselves).
     """
 
     name: str
@@ -57,6 +60,7 @@ class ModelSpec:
     weight_suffix: str = ""
     latent_origin: str = "zero"
     prediction_type: str = "v_prediction"
+    audio_window_position: float = 0.0
 
     def __post_init__(self) -> None:
         u, fl = self.unet, self.face_locator
@@ -92,6 +96,8 @@ class ModelSpec:
                 f"{self.name}: face locator downsamples by {fl.downsample_factor}, "
                 f"the codec by {self.codec_factor}"
             )
+        if self.audio_encoder != "mel" and self.audio_window_position:
+            raise ValueError(f"{self.name}: audio_window_position needs the mel encoder")
         if self.audio_encoder == "whisper-tiny" and u.cross_attention_dim != 384:
             raise ValueError(f"{self.name}: whisper-tiny tokens are 384 wide")
         step = self.codec_factor * u.downsample_factor
@@ -148,16 +154,18 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             name="lcp-tiny",
             description="EchoMimic-v1 architecture at laptop size: 128 px, DCT codec, mel audio",
-            # Sized to train in < 90 min on a 2-core CPU: an 8x8 DCT "latent" (16
-            # frequencies x RGB = 48 channels on a 16x16 grid) keeps attention cheap; one
-            # head per layer because CPU attention kernels are ~3x faster at head width 64
-            # than at 8-16 (measured).  Latents relative to the reference crop and a
-            # clean-latent (x0) prediction: a still face is exactly 0, which the network
-            # learns in a few hundred steps (25 dB on held-out clips after 250 CPU steps,
-            # where v-prediction of absolute latents was still at 15 dB).
+            # Sized to train in < 90 min on a 2-core CPU: an 8x8 DCT "latent" (YCbCr: 24
+            # luma + 2 x 4 chroma frequencies = 32 channels on a 16x16 grid) keeps
+            # attention cheap; one head per layer because CPU attention kernels are ~3x
+            # faster at head width 64 than at 8-16 (measured).  Latents relative to the
+            # reference crop and a clean-latent (x0) prediction: a still face is exactly
+            # 0, which the network learns in a few hundred steps (25 dB on held-out clips
+            # after 250 CPU steps, where v-prediction of absolute latents was at 15 dB).
+            # The offset code on the audio windows lets cross-attention tell a frame's
+            # own instant from its neighbours (lip sync: README model card).
             unet=UNetConfig(
-                in_channels=48,
-                out_channels=48,
+                in_channels=32,
+                out_channels=32,
                 block_out_channels=(32, 64, 64, 64),
                 layers_per_block=1,
                 attention_heads=1,
@@ -168,9 +176,9 @@ MODELS: dict[str, ModelSpec] = {
             ),
             face_locator=FaceLocatorConfig(out_channels=32, block_out_channels=(8, 16, 32, 32)),
             audio_encoder="mel",
-            codec="dct",
+            codec="dct-ycbcr",
             codec_factor=8,
-            latent_channels=48,
+            latent_channels=32,
             resolution=128,
             fps=24,
             steps=25,
@@ -178,6 +186,7 @@ MODELS: dict[str, ModelSpec] = {
             bank_dtype=None,
             latent_origin="reference",
             prediction_type="sample",
+            audio_window_position=0.5,
         ),
     )
 }

@@ -68,6 +68,7 @@ class FrameWindows:
     num_frames: int
     fps: float
     cfg: AudioConfig = field(default_factory=AudioConfig)
+    position: float = 0.0  # amplitude of the window-position code (see window_position_code)
 
     def __post_init__(self) -> None:
         if self.features.ndim != 3 or self.features.shape[0] == 0:
@@ -92,7 +93,11 @@ class FrameWindows:
         t = self.features.shape[0]
         offsets = torch.arange(-self.cfg.window_before, self.cfg.window_after + 1)
         idx = (torch.tensor(centers, dtype=torch.long)[:, None] + offsets[None, :]).clamp_(0, t - 1)
-        return self.features[idx.to(self.features.device)].reshape(len(centers), *self.shape[1:])
+        rows = self.features[idx.to(self.features.device)]  # [n, W, L, D]
+        if self.position:
+            code = window_position_code(self.cfg.window, self.features.shape[2], self.position)
+            rows = rows + code.to(rows.device, rows.dtype)[None, :, None, :]
+        return rows.reshape(len(centers), *self.shape[1:])
 
     def materialize(self) -> torch.Tensor:
         """All windows at once, ``[F, W * L, D]``."""
@@ -275,8 +280,27 @@ def log_mel(
     return (x + 4.0) / 4.0
 
 
+def window_position_code(window: int, dim: int, amplitude: float) -> torch.Tensor:
+    """``[window, dim]``: ``amplitude`` times whisper's sinusoids of the offsets 0..window-1.
+
+    Cross-attention treats a frame's audio window as an unordered set of rows, so rows
+    that carry no time of their own (log-mel frames, unlike whisper's contextual states)
+    cannot tell the frame's own instant from its neighbours 100 ms away.  Adding a code
+    of the row's offset to each row tells them apart; a model trained with it (lcp-tiny:
+    ``ModelSpec.audio_window_position``) gets it at inference too.  All-zero windows (the
+    unconditional half of CFG) stay all zero: the code goes onto real audio rows only.
+    """
+    from ..models.whisper import sinusoids
+
+    return amplitude * sinusoids(window, dim, max_timescale=window * 10.0)
+
+
 def audio_windows(
-    features: torch.Tensor, num_frames: int, fps: float, cfg: AudioConfig | None = None
+    features: torch.Tensor,
+    num_frames: int,
+    fps: float,
+    cfg: AudioConfig | None = None,
+    position: float = 0.0,
 ) -> torch.Tensor:
     """Per-video-frame windows of audio features.
 
@@ -285,7 +309,7 @@ def audio_windows(
     each clamped to ``[0, T - 1]``.  Returns ``[num_frames, W * L, D]`` with row
     ``index_offset * L + layer``.  :class:`FrameWindows` makes them per frame range.
     """
-    return FrameWindows(features, num_frames, fps, cfg or AudioConfig()).materialize()
+    return FrameWindows(features, num_frames, fps, cfg or AudioConfig(), position).materialize()
 
 
 def prepare_audio(
@@ -314,7 +338,8 @@ def prepare_audio(
     audio = load_audio(path, cfg.sample_rate)
     features = encoder.encode(audio.samples)
     num_frames = num_video_frames(audio.duration, fps)
-    windows = FrameWindows(features, num_frames, fps, cfg)
+    position = float(getattr(encoder, "window_position", 0.0))
+    windows = FrameWindows(features, num_frames, fps, cfg, position)
     return AudioFeatures(
         windows=windows, audio=audio, num_frames=num_frames, fps=fps, encoder=encoder.name
     )

@@ -239,6 +239,7 @@ class TalkingFaceDataset(torch.utils.data.Dataset):
         seed: int = 0,
         length: int = 10_000,
         audio: AudioConfig | None = None,
+        window_position: float = 0.0,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
@@ -247,6 +248,7 @@ class TalkingFaceDataset(torch.utils.data.Dataset):
         self.speech, self.faces, self.split = speech, faces, split
         self.config = config or SynthesisConfig()
         self.audio = audio or AudioConfig()
+        self.window_position = float(window_position)  # the model's (ModelSpec)
         if self.audio.feature_rate != FEATURE_RATE:
             raise ValueError(f"the corpus has features at {FEATURE_RATE} Hz")
         self.seed, self.length, self.epoch = int(seed), int(length), 0
@@ -341,7 +343,8 @@ class TalkingFaceDataset(torch.utils.data.Dataset):
         """Audio tokens ``[F, 10, 80]`` of video frames ``offset ..`` exactly as the audio
         stage makes them for the whole utterance (EchoMimic windows, clamped at the ends)."""
         feats = torch.from_numpy(np.asarray(u.mel, np.float32))
-        return audio_windows(feats, offset + num_frames, self.config.fps, self.audio)[offset:]
+        n, fps = offset + num_frames, self.config.fps
+        return audio_windows(feats, n, fps, self.audio, self.window_position)[offset:]
 
     def identity(self, rng: np.random.Generator) -> Identity:
         return make_identity(self.pick_source(rng), rng, self.config.resolution, self._aug)

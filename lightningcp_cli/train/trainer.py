@@ -111,7 +111,12 @@ class Trainer:
         self.alphas = self.scheduler.alphas_cumprod.to(self.device)
         synth = SynthesisConfig(num_frames=config.num_frames, fps=self.spec.fps)
         self.data = TalkingFaceDataset.from_folder(
-            corpus, "train", config=synth, seed=config.seed, length=config.steps * 1000
+            corpus,
+            "train",
+            config=synth,
+            seed=config.seed,
+            length=config.steps * 1000,
+            window_position=self.spec.audio_window_position,
         )
         self.state = TrainState()
 
