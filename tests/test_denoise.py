@@ -81,7 +81,11 @@ def test_scheduler_matches_golden_tables(golden_io):
     s = make_scheduler()
     s.set_timesteps(30)
     assert torch.equal(s.timesteps, golden_io["ddim_timesteps"])
-    assert torch.equal(s.alphas_cumprod, golden_io["ddim_alphas_cumprod"])
+    # float32 cumprod rounds differently on different CPU vector paths (3e-7 seen on an
+    # AVX-512 AMD EPYC), so the table is equal up to that rounding, not bit for bit
+    torch.testing.assert_close(
+        s.alphas_cumprod, golden_io["ddim_alphas_cumprod"], rtol=0, atol=1e-6
+    )
     out = s.step(golden_io["ddim_in_model_output"], 999, golden_io["ddim_in_sample"], eta=0.0)
     assert (out.prev_sample - golden_io["ddim_out_prev_sample"]).abs().max() < 1e-6
 
