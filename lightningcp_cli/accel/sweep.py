@@ -4,7 +4,7 @@
 bank, face feature) and runs only the denoise stage with any sampler, so many settings can
 be compared in one process, interleaved and repeated (ratios, not absolute times, on a
 shared machine).  Fidelity compares decoded crop frames with the baseline's: PSNR/SSIM of
-the whole crop and PSNR of the mouth box (a lip-sync proxy).
+the whole crop, PSNR of the mouth box and the lip-landmark distance `lcp bench` reports.
 
 ``python -m lightningcp_cli.accel.sweep`` sweeps key-step schedules (see ``--help``);
 ``benchmarks/ablate_reference.py`` uses the same class for the reference-removal ablation.
@@ -125,10 +125,19 @@ class Experiment:
         origin = latent_origin(self.model, self.reference)
         return list(decode_frames(self.model.codec, latents, origin=origin))
 
-    def fidelity(self, ref: list[np.ndarray], test: list[np.ndarray]) -> dict[str, float]:
+    def fidelity(
+        self, ref: list[np.ndarray], test: list[np.ndarray], ref_meshes: list | None = None
+    ) -> dict[str, float]:
+        """PSNR/SSIM of the crops, PSNR of the mouth box and the lip-landmark distance (%
+        of the face height, as ``lcp bench``; ``ref_meshes``: the reference's face meshes
+        when already measured)."""
         from ..bench.metrics import psnr, video_fidelity
+        from ..bench.quality import face_meshes, mouth_landmark_distance
 
         out = video_fidelity(ref, test)
+        out["mouth_dist"] = mouth_landmark_distance(
+            face_meshes(test), face_meshes(ref) if ref_meshes is None else ref_meshes
+        )
         y0, y1, x0, x1 = self._mouth
         out["psnr_mouth"] = float(
             np.mean(
@@ -153,13 +162,16 @@ class Experiment:
                 if hasattr(sampler, "stats"):
                     outcomes[name].stats = sampler.stats()
         names = list(makers)
+        from ..bench.quality import face_meshes
+
         ref_frames = self.frames(latents[names[0]])
+        ref_meshes = face_meshes(ref_frames)
         base = min(outcomes[names[0]].seconds)
         for name in names:
             out = outcomes[name]
             out.speedup = base / min(out.seconds)
             if name != names[0]:
-                out.fidelity = self.fidelity(ref_frames, self.frames(latents[name]))
+                out.fidelity = self.fidelity(ref_frames, self.frames(latents[name]), ref_meshes)
         return [outcomes[n] for n in names]
 
 
@@ -256,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = [r.to_dict() for r in results]
     header = (
         f"{'schedule':40s} {'keys':>4s} {'denoise x':>9s} {'PSNR':>6s} {'mouth':>6s} {'SSIM':>6s}"
+        f" {'lips %':>6s}"
     )
     print(
         f"{exp.model.spec.name}, {exp.denoise_config.steps} steps, {exp.num_frames} frames, "
@@ -267,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(
             f"{r['name']:40s} {keys:4d} {r['speedup']:9.2f} {r.get('psnr', float('nan')):6.2f} "
             f"{r.get('psnr_mouth', float('nan')):6.2f} {r.get('ssim', float('nan')):6.4f}"
+            f" {r.get('mouth_dist', float('nan')):6.2f}"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2, default=str) + "\n")
