@@ -205,7 +205,7 @@ KeyInterval = Annotated[
     typer.Option(
         min=1,
         max=100,
-        help="LightningCP: a key step every N steps (default 15; 1 = no caching).",
+        help="LightningCP: a key step every N steps (default 12; 1 = no caching).",
         rich_help_panel=_ACCEL_PANEL,
     ),
 ]
@@ -230,7 +230,10 @@ DfaDilate = Annotated[
     typer.Option(
         min=0.0,
         max=1.0,
-        help="DFA: grow the face mask by this fraction of each layer's grid (default 0.1).",
+        help=(
+            "DFA: grow the face mask by this fraction of each layer's grid "
+            "(default 0: the mask's cells only)."
+        ),
         rich_help_panel=_ACCEL_PANEL,
     ),
 ]
