@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import AccelConfig, AudioConfig, DenoiseConfig, FaceConfig, LightningCPConfig
+from ..config import (
+    AccelConfig,
+    AudioConfig,
+    DenoiseConfig,
+    DFAConfig,
+    FaceConfig,
+    LightningCPConfig,
+)
 from ..stages.denoise import Sampler
 
 SamplerMaker = Callable[["Experiment"], Sampler]
@@ -182,11 +189,15 @@ def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
 
 
-def lightningcp_maker(config: LightningCPConfig, method: str = "lightningcp") -> SamplerMaker:
+def lightningcp_maker(
+    config: LightningCPConfig, method: str = "lightningcp", dfa: DFAConfig | None = None
+) -> SamplerMaker:
     from . import build_sampler
 
+    accel = AccelConfig(lightningcp=config, dfa=dfa or DFAConfig())
+
     def make(exp: Experiment) -> Sampler:
-        return build_sampler(method, exp.model, exp.face, AccelConfig(lightningcp=config))
+        return build_sampler(method, exp.model, exp.face, accel)
 
     return make
 
@@ -257,13 +268,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_experiment_arguments(p)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--method", default="lightningcp")
+    p.add_argument("--dfa-dilate", type=float, help="DFA mask dilation (default: DFAConfig's)")
     p.add_argument("--json", type=Path)
     p.add_argument("schedules", nargs="*", default=list(DEFAULT_SCHEDULES))
     args = p.parse_args(argv)
     exp = experiment_from_args(args)
+    dfa = DFAConfig() if args.dfa_dilate is None else DFAConfig(dilate=args.dfa_dilate)
     makers: dict[str, SamplerMaker | None] = {"none": None}
     for s in args.schedules:
-        makers[s] = lightningcp_maker(parse_schedule(s), args.method)
+        makers[s] = lightningcp_maker(parse_schedule(s), args.method, dfa)
     results = exp.compare(makers, args.repeats)
     rows = [r.to_dict() for r in results]
     header = (
