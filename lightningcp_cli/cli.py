@@ -205,7 +205,7 @@ KeyInterval = Annotated[
     typer.Option(
         min=1,
         max=100,
-        help="LightningCP: a key step every N steps (default 12; 1 = no caching).",
+        help="LightningCP: a key step every N steps (default 8; 1 = no caching).",
         rich_help_panel=_ACCEL_PANEL,
     ),
 ]
