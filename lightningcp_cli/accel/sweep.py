@@ -168,9 +168,9 @@ class Experiment:
                 latents[name] = lat
                 if hasattr(sampler, "stats"):
                     outcomes[name].stats = sampler.stats()
-        names = list(makers)
         from ..bench.quality import face_meshes
 
+        names = list(makers)
         ref_frames = self.frames(latents[names[0]])
         ref_meshes = face_meshes(ref_frames)
         base = min(outcomes[names[0]].seconds)
@@ -273,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("schedules", nargs="*", default=list(DEFAULT_SCHEDULES))
     args = p.parse_args(argv)
     exp = experiment_from_args(args)
-    dfa = DFAConfig() if args.dfa_dilate is None else DFAConfig(dilate=args.dfa_dilate)
+    dfa = None if args.dfa_dilate is None else DFAConfig(dilate=args.dfa_dilate)
     makers: dict[str, SamplerMaker | None] = {"none": None}
     for s in args.schedules:
         makers[s] = lightningcp_maker(parse_schedule(s), args.method, dfa)
