@@ -133,18 +133,16 @@ class Experiment:
         return list(decode_frames(self.model.codec, latents, origin=origin))
 
     def fidelity(
-        self, ref: list[np.ndarray], test: list[np.ndarray], ref_meshes: list | None = None
+        self, ref: list[np.ndarray], test: list[np.ndarray], ref_meshes: list
     ) -> dict[str, float]:
         """PSNR/SSIM of the crops, PSNR of the mouth box and the lip-landmark distance (%
-        of the face height, as ``lcp bench``; ``ref_meshes``: the reference's face meshes
-        when already measured)."""
+        of the face height, as ``lcp bench``) to ``ref``, whose face meshes are
+        ``ref_meshes`` (measured once per comparison)."""
         from ..bench.metrics import psnr, video_fidelity
         from ..bench.quality import face_meshes, mouth_landmark_distance
 
         out = video_fidelity(ref, test)
-        out["mouth_dist"] = mouth_landmark_distance(
-            face_meshes(test), face_meshes(ref) if ref_meshes is None else ref_meshes
-        )
+        out["mouth_dist"] = mouth_landmark_distance(face_meshes(test), ref_meshes)
         y0, y1, x0, x1 = self._mouth
         out["psnr_mouth"] = float(
             np.mean(
