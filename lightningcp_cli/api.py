@@ -123,6 +123,9 @@ def resolve_denoise(cfg: RenderConfig, spec: ModelSpec) -> DenoiseConfig:
         guidance=d.guidance if d.guidance is not None else spec.guidance,
         bank_dtype=d.bank_dtype if d.bank_dtype is not None else spec.bank_dtype,
         prediction_type=d.prediction_type or spec.prediction_type,
+        epsilon_scaling=(
+            d.epsilon_scaling if d.epsilon_scaling is not None else spec.epsilon_scaling
+        ),
     )
 
 

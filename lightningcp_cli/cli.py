@@ -180,6 +180,16 @@ Guidance = Annotated[
     float | None,
     typer.Option("--cfg", min=0.0, help="Classifier-free guidance scale (<=1 disables it)."),
 ]
+EpsScaling = Annotated[
+    float | None,
+    typer.Option(
+        "--eps-scaling",
+        min=0.0,
+        max=1.0,
+        help="Exposure-bias correction: each DDIM step's noise direction is divided by "
+        "1 + K*t/1000 (default: the model's; lcp-tiny 0.1, EchoMimic 0 = plain DDIM).",
+    ),
+]
 Fps = Annotated[int | None, typer.Option(min=1, max=120, help="Video frame rate.")]
 Seed = Annotated[int, typer.Option(help="Random seed: same seed, same video.")]
 Size = Annotated[
@@ -284,6 +294,7 @@ def _render_config(
     use_cache: bool = True,
     accel_config: AccelConfig | None = None,
     offload: bool = False,
+    epsilon_scaling: float | None = None,
 ) -> RenderConfig:
     return RenderConfig(
         model=model,
@@ -294,7 +305,9 @@ def _render_config(
         accel=accel,
         accel_config=accel_config or AccelConfig(),
         use_cache=use_cache,
-        denoise=DenoiseConfig(steps=steps, guidance=guidance, seed=seed),
+        denoise=DenoiseConfig(
+            steps=steps, guidance=guidance, seed=seed, epsilon_scaling=epsilon_scaling
+        ),
         output=OutputConfig(fps=fps, size=size, overwrite=overwrite),
     )
 
@@ -311,6 +324,7 @@ def render(
     weights: Weights = None,
     steps: Steps = None,
     guidance: Guidance = None,
+    eps_scaling: EpsScaling = None,
     fps: Fps = None,
     seed: Seed = 420,
     size: Size = None,
@@ -354,6 +368,7 @@ def render(
             cache,
             _accel_config(key_interval, key_steps, estimate, dfa_dilate, batch_limit),
             offload,
+            eps_scaling,
         )
         with _progress(quiet) as on_progress:
             result = api.render(
@@ -388,6 +403,7 @@ def bench(
     weights: Weights = None,
     steps: Steps = None,
     guidance: Guidance = None,
+    eps_scaling: EpsScaling = None,
     fps: Fps = None,
     seed: Seed = 420,
     device: Device = "cpu",
@@ -428,6 +444,7 @@ def bench(
             model, weights, steps, guidance, fps, seed, None, device, dtype, "none",
             accel_config=_accel_config(key_interval, key_steps, estimate, dfa_dilate, batch_limit),
             offload=offload,
+            epsilon_scaling=eps_scaling,
         )  # fmt: skip
         req = BenchRequest(face or ex_face, audio or ex_audio, tuple(methods or ACCEL_METHODS), cfg)
         with _progress(quiet) as on_progress:
@@ -464,6 +481,7 @@ def profile(
     weights: Weights = None,
     steps: Steps = None,
     guidance: Guidance = None,
+    eps_scaling: EpsScaling = None,
     fps: Fps = None,
     seed: Seed = 420,
     device: Device = "cpu",
@@ -488,6 +506,7 @@ def profile(
             overwrite=True,
             accel_config=_accel_config(key_interval, key_steps, estimate, dfa_dilate, batch_limit),
             offload=offload,
+            epsilon_scaling=eps_scaling,
         )  # fmt: skip
         with api.output_or_temp(output) as out_path, _progress(quiet) as on_progress:
             rep = run_profile(
@@ -596,6 +615,7 @@ def evaluate(
     weights: Weights = None,
     steps: Steps = None,
     guidance: Guidance = None,
+    eps_scaling: EpsScaling = None,
     accel: Annotated[str, typer.Option(help="Acceleration to score (default: none).")] = "none",
     device: Device = "cpu",
     dtype: Dtype = None,
@@ -614,7 +634,7 @@ def evaluate(
     portrait) and flicker (mean frame-to-frame change outside the mouth, 0-255).
     """
     from . import api
-    from .bench.evaluate import EvalConfig, with_steps
+    from .bench.evaluate import EvalConfig, with_sampler
     from .errors import ConfigError
 
     with _reported_errors():
@@ -626,7 +646,9 @@ def evaluate(
             pairs.append(api.example_inputs())
         if corpus is None and not pairs:
             raise ConfigError("nothing to score: give --corpus DIR, --face/--audio or --example")
-        cfg = with_steps(EvalConfig(clips=clips, frames=frames, accel=accel), steps, guidance)
+        cfg = with_sampler(
+            EvalConfig(clips=clips, frames=frames, accel=accel), steps, guidance, eps_scaling
+        )
         with _progress(quiet) as on_progress:
             rep = api.evaluate(
                 corpus=corpus,
@@ -782,6 +804,7 @@ def batch(
     weights: Weights = None,
     steps: Steps = None,
     guidance: Guidance = None,
+    eps_scaling: EpsScaling = None,
     fps: Fps = None,
     seed: Seed = 420,
     size: Size = None,
@@ -842,6 +865,7 @@ def batch(
             use_cache=cache,
             accel_config=_accel_config(key_interval, key_steps, estimate, dfa_dilate, batch_limit),
             offload=offload,
+            epsilon_scaling=eps_scaling,
         )  # fmt: skip
 
         def failed_now(result: Any) -> None:

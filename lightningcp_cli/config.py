@@ -84,6 +84,9 @@ class DenoiseConfig:
     noise_clamp: float = 1.5  # initial noise clamped to +-this (EchoMimic)
     bank_dtype: str | None = None  # reference bank storage dtype; None = model dtype
     prediction_type: str | None = None  # what the denoiser outputs; None = the model's
+    # DDIM noise direction divided by 1 + k * t / 1000 against exposure bias (None = the
+    # model's; 0 = plain DDIM; stages.denoise.EpsilonScaledDDIMScheduler)
+    epsilon_scaling: float | None = None
     # Long audio: videos over chunk_frames are denoised chunk by chunk (overlapping by
     # chunk_overlap frames, cross-faded), so memory does not grow with the length.
     chunk_frames: int = 240
@@ -102,6 +105,10 @@ class DenoiseConfig:
             "context overlap must be in [0, context frames)",
         )
         _check(self.noise_clamp > 0, "noise clamp must be > 0")
+        _check(
+            self.epsilon_scaling is None or 0 <= self.epsilon_scaling <= 1,
+            "epsilon scaling must be in [0, 1]",
+        )
 
 
 @dataclass(frozen=True)

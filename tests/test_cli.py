@@ -147,13 +147,15 @@ def test_profile_with_trace(tmp_path):
     assert "traceEvents" in json.loads(trace.read_text())
 
 
-def test_acceleration_knobs_reach_the_render(tmp_path):
+def test_sampler_and_acceleration_knobs_reach_the_render(tmp_path):
     out = tmp_path / "fast.mp4"
     args = ["render", FACE, SPEECH, "-o", out, *FAST, "--accel", "lightningcp+dfa"]
     knobs = ["--key-steps", "0,1,3", "--no-estimate", "--dfa-dilate", "0.25"]
-    proc = run_lcp(*args, *knobs, cache_dir=tmp_path)
+    proc = run_lcp(*args, *knobs, "--eps-scaling", "0.05", cache_dir=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    accel = json.loads(out.with_name("fast.mp4.json").read_text())["config"]["accel_config"]
+    config = json.loads(out.with_name("fast.mp4.json").read_text())["config"]
+    assert config["denoise"]["epsilon_scaling"] == 0.05
+    accel = config["accel_config"]
     assert accel["lightningcp"]["schedule"] == "list"
     assert accel["lightningcp"]["key_steps"] == [0, 1, 3]
     assert accel["lightningcp"]["estimate"] is False

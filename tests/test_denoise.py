@@ -13,11 +13,15 @@ from itertools import pairwise
 import pytest
 import torch
 
-from lightningcp_cli.config import DenoiseConfig
+from lightningcp_cli.api import resolve_denoise
+from lightningcp_cli.config import DenoiseConfig, RenderConfig
 from lightningcp_cli.errors import LcpError, NonFiniteError
+from lightningcp_cli.models.registry import get_model_spec
 from lightningcp_cli.stages.denoise import (
+    EpsilonScaledDDIMScheduler,
     Sampler,
     StepContext,
+    as_noise,
     context_windows,
     denoise,
     initial_latents,
@@ -88,6 +92,65 @@ def test_scheduler_matches_golden_tables(golden_io):
     )
     out = s.step(golden_io["ddim_in_model_output"], 999, golden_io["ddim_in_sample"], eta=0.0)
     assert (out.prev_sample - golden_io["ddim_out_prev_sample"]).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["sample", "v_prediction", "epsilon"])
+def test_epsilon_scaling_shrinks_only_the_noise_direction(kind):
+    plain, scaled = make_scheduler(kind), make_scheduler(kind, epsilon_scaling=0.1)
+    assert type(plain) is not EpsilonScaledDDIMScheduler
+    assert isinstance(scaled, EpsilonScaledDDIMScheduler)
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(1, 4, 2, 3, 3, generator=g), torch.randn(1, 4, 2, 3, 3, generator=g)
+    for s in (plain, scaled):
+        s.set_timesteps(25)
+    for t in scaled.timesteps[1:4]:  # timesteps where the prediction fixes x0 and eps
+        t = int(t)
+        a_prev = scaled.alphas_cumprod[t - 40]  # 25 steps: 40 timesteps apart
+        ref = plain.step(out, t, x)
+        eps = as_noise(plain, out, t, x)
+        expected = a_prev.sqrt() * ref.pred_original_sample
+        expected = expected + (1 - a_prev).sqrt() * eps / (1 + 0.1 * t / 1000)
+        got = scaled.step(out, t, x)
+        torch.testing.assert_close(got.pred_original_sample, ref.pred_original_sample)
+        torch.testing.assert_close(got.prev_sample, expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got.prev_sample, ref.prev_sample)
+        assert torch.equal(scaled.step(out, t, x, return_dict=False)[0], got.prev_sample)
+    # the zero-SNR first step (a = 0) stays finite: x0 is kept, not recovered from eps
+    # (an epsilon predictor has no x0 there, with or without scaling)
+    if kind != "epsilon":
+        assert torch.isfinite(scaled.step(out, int(scaled.timesteps[0]), x).prev_sample).all()
+    with pytest.raises(ValueError, match="deterministic"):
+        scaled.step(out, int(scaled.timesteps[1]), x, eta=1.0)
+
+
+def test_epsilon_scaling_zero_is_plain_ddim_and_reaches_the_loop():
+    zero = EpsilonScaledDDIMScheduler(0.0, **make_scheduler().config)
+    zero.set_timesteps(10)
+    plain = make_scheduler()
+    plain.set_timesteps(10)
+    x = torch.randn(1, 4, 2, 3, 3)
+    assert torch.equal(zero.step(x, 900, x).prev_sample, plain.step(x, 900, x).prev_sample)
+    audio = torch.linspace(-1, 1, 4 * 6 * 5).reshape(4, 6, 5)
+    runs = [
+        denoise(
+            LinearDenoiser(), audio, None, None,
+            DenoiseConfig(steps=3, guidance=1.0, epsilon_scaling=k), (4, 4, 6),
+        )
+        for k in (None, 0.0, 0.1)
+    ]  # fmt: skip
+    assert torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
+    with pytest.raises(LcpError, match="epsilon scaling"):
+        DenoiseConfig(epsilon_scaling=2.0)
+
+
+def test_epsilon_scaling_defaults_to_the_models():
+    def resolved(model: str, **denoise) -> float:
+        cfg = RenderConfig(model=model, denoise=DenoiseConfig(**denoise))
+        return resolve_denoise(cfg, get_model_spec(model)).epsilon_scaling
+
+    assert resolved("echomimic-v1") == 0.0  # the official sampler
+    assert resolved("lcp-tiny") == get_model_spec("lcp-tiny").epsilon_scaling > 0
+    assert resolved("lcp-tiny", epsilon_scaling=0.0) == 0.0
 
 
 @pytest.mark.parametrize("frames", [4, 16])

@@ -95,6 +95,7 @@ class Experiment:
             context_overlap=spec.context_overlap,
             seed=seed,
             prediction_type=spec.prediction_type,
+            epsilon_scaling=spec.epsilon_scaling,
         )
         self._mouth = _box(self.face.mouth_mask)
 

@@ -213,8 +213,14 @@ def eval_portrait(
     }
 
 
-def with_steps(config: EvalConfig, steps: int | None, guidance: float | None) -> EvalConfig:
-    """``config`` with the sampler's steps / guidance overridden where given."""
+def with_sampler(
+    config: EvalConfig,
+    steps: int | None,
+    guidance: float | None,
+    epsilon_scaling: float | None = None,
+) -> EvalConfig:
+    """``config`` with the sampler's steps / guidance / epsilon scaling overridden where
+    given."""
     d = config.denoise
     return replace(
         config,
@@ -222,5 +228,6 @@ def with_steps(config: EvalConfig, steps: int | None, guidance: float | None) ->
             d,
             steps=steps if steps is not None else d.steps,
             guidance=guidance if guidance is not None else d.guidance,
+            epsilon_scaling=epsilon_scaling if epsilon_scaling is not None else d.epsilon_scaling,
         ),
     )

@@ -40,6 +40,8 @@ class ModelSpec:
     ``audio_window_position`` is the amplitude of the offset code added to each row of a
     frame's audio window (:func:`~lightningcp_cli.stages.audio.window_position_code`; 0:
     none, as EchoMimic, whose whisper rows carry their time themselves).
+    ``epsilon_scaling`` is the sampler's default exposure-bias correction
+    (:class:`~lightningcp_cli.stages.denoise.EpsilonScaledDDIMScheduler`; 0: plain DDIM).
     """
 
     name: str
@@ -61,6 +63,7 @@ class ModelSpec:
     latent_origin: str = "zero"
     prediction_type: str = "v_prediction"
     audio_window_position: float = 0.0
+    epsilon_scaling: float = 0.0
 
     def __post_init__(self) -> None:
         u, fl = self.unet, self.face_locator
@@ -109,6 +112,8 @@ class ModelSpec:
             raise ValueError(f"{self.name}: context_frames must be in [1, {u.motion_max_len}]")
         if not 0 <= self.context_overlap < self.context_frames:
             raise ValueError(f"{self.name}: context_overlap must be in [0, context_frames)")
+        if not 0 <= self.epsilon_scaling <= 1:
+            raise ValueError(f"{self.name}: epsilon_scaling must be in [0, 1]")
         if self.bank_dtype is not None and self.bank_dtype not in _BANK_DTYPES:
             raise ValueError(f"{self.name}: bank_dtype must be None or one of {list(_BANK_DTYPES)}")
 
@@ -187,6 +192,10 @@ MODELS: dict[str, ModelSpec] = {
             latent_origin="reference",
             prediction_type="sample",
             audio_window_position=0.5,
+            # Its x0 predictions drift when fed its own latents (lip sync fell from 0.31
+            # at 4 steps to 0.17 at 25); shrinking DDIM's noise direction by up to 10 %
+            # restores it (0.37 on held-out clips; 0.05 and 0.2 are worse: README).
+            epsilon_scaling=0.1,
         ),
     )
 }
