@@ -292,6 +292,15 @@ def test_unresolved_settings_and_foreign_sampler_are_rejected():
         denoise(LinearDenoiser(), audio, None, None, DenoiseConfig(), (4, 2, 2))
     with pytest.raises(ValueError, match="different denoiser"):
         _run(LinearDenoiser(), sampler=Sampler(LinearDenoiser()))
+    scaled = DenoiseConfig(steps=2, guidance=1.0, epsilon_scaling=0.1)
+    with pytest.raises(ValueError, match="epsilon scaling"):  # a given scheduler must agree
+        denoise(LinearDenoiser(), audio, None, None, scaled, (4, 2, 2), scheduler=make_scheduler())
+    agreeing = make_scheduler(epsilon_scaling=0.1)
+    assert (
+        denoise(LinearDenoiser(), audio, None, None, scaled, (4, 2, 2), scheduler=agreeing)
+        .isfinite()
+        .all()
+    )
 
 
 # --- golden: the official pipeline's latents ------------------------------------------

@@ -30,6 +30,7 @@ from ..config import (
     DFAConfig,
     FaceConfig,
     LightningCPConfig,
+    RenderConfig,
 )
 from ..stages.denoise import Sampler
 
@@ -70,7 +71,7 @@ class Experiment:
         seed: int = 420,
         device: str = "cpu",
     ) -> None:
-        from ..api import example_inputs, face_feature
+        from ..api import example_inputs, face_feature, resolve_denoise
         from ..models.bundle import load_model
         from ..stages.audio import prepare_audio
         from ..stages.face import analyze_face, load_image
@@ -88,15 +89,14 @@ class Experiment:
             )
             self.reference = compute_reference(self.model, self.face, None)
             self.face_feature = face_feature(self.model, self.face.face_mask)
-        self.denoise_config = DenoiseConfig(
-            steps=steps or spec.steps,
-            guidance=spec.guidance if guidance is None else guidance,
+        asked = DenoiseConfig(
+            steps=steps,
+            guidance=guidance,
             context_frames=spec.context_frames,
             context_overlap=spec.context_overlap,
             seed=seed,
-            prediction_type=spec.prediction_type,
-            epsilon_scaling=spec.epsilon_scaling,
-        )
+        )  # the model's defaults for the rest, as a render resolves them
+        self.denoise_config = resolve_denoise(RenderConfig(model=spec.name, denoise=asked), spec)
         self._mouth = _box(self.face.mouth_mask)
 
     @property

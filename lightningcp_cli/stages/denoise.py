@@ -477,6 +477,11 @@ def denoise(
             f"denoise: the scheduler expects {scheduler.config.prediction_type}, "
             f"the model predicts {cfg.prediction_type}"
         )
+    elif (cfg.epsilon_scaling or 0.0) != getattr(scheduler, "epsilon_scaling", 0.0):
+        raise ValueError(
+            f"denoise: the scheduler's epsilon scaling is not the config's "
+            f"({cfg.epsilon_scaling or 0.0})"
+        )
 
     num_frames = audio_tokens.shape[0]
     channels, height, width = latent_shape
