@@ -401,8 +401,10 @@ def evaluate(
     """Quality scores (``lcp eval``): held-out ``corpus`` clips and/or ``portraits``
     (``(face, speech)`` pairs).  ``videos``: folder to keep the portrait renders in.
 
-    Returns ``{"model", "weights", "config", "heldout": {...} | None, "portraits": [...]}``.
+    Returns ``{"model", "weights", "config", "heldout": {...} | None, "audio_use": {...} |
+    None, "portraits": [...]}`` (``audio_use``: ``config.audio_use`` set and a corpus given).
     """
+    from .bench.audio_use import audio_use
     from .bench.evaluate import EvalConfig, eval_heldout, eval_portrait
 
     cfg = config or EvalConfig()
@@ -410,7 +412,7 @@ def evaluate(
     for face, speech in portraits:
         require_file(Path(face), "face image")
         require_file(Path(speech), "audio")
-    heldout = None
+    heldout = probe = None
     if corpus is not None:
         corpus = Path(corpus)
         if not (corpus / "corpus.json").is_file():
@@ -419,6 +421,8 @@ def evaluate(
                 f"(build it: python -m lightningcp_cli.train.corpus {corpus})"
             )
         heldout = eval_heldout(m, corpus, cfg, on_progress)
+        if cfg.audio_use is not None:
+            probe = audio_use(m, corpus, cfg.audio_use)
     rows = []
     for i, (face, speech) in enumerate(portraits):
         video = None
@@ -431,5 +435,6 @@ def evaluate(
         "weights": "random" if m.random_weights else m.weights_id,
         "config": asdict(cfg),
         "heldout": heldout,
+        "audio_use": probe,
         "portraits": rows,
     }

@@ -622,6 +622,18 @@ def evaluate(
     videos: Annotated[
         Path | None, typer.Option(help="Keep the portrait renders (MP4) in this folder.")
     ] = None,
+    audio_use: Annotated[
+        bool,
+        typer.Option(
+            "--audio-use",
+            help="Also probe the network on held-out clips (with --corpus): how well its "
+            "mouth prediction follows the truth at each noise level, with the clip's own "
+            "audio and with another clip's (48 clips: about 30 s).",
+        ),
+    ] = False,
+    probe_clips: Annotated[
+        int | None, typer.Option(min=2, help="Held-out clips for --audio-use [default: 48].")
+    ] = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
@@ -646,8 +658,18 @@ def evaluate(
             pairs.append(api.example_inputs())
         if corpus is None and not pairs:
             raise ConfigError("nothing to score: give --corpus DIR, --face/--audio or --example")
+        if audio_use and corpus is None:
+            raise ConfigError("--audio-use probes corpus clips: give --corpus DIR")
+        probe = None
+        if audio_use:
+            from .bench.audio_use import AudioUseConfig
+
+            probe = AudioUseConfig() if probe_clips is None else AudioUseConfig(clips=probe_clips)
         cfg = with_sampler(
-            EvalConfig(clips=clips, frames=frames, accel=accel), steps, guidance, eps_scaling
+            EvalConfig(clips=clips, frames=frames, accel=accel, audio_use=probe),
+            steps,
+            guidance,
+            eps_scaling,
         )
         with _progress(quiet) as on_progress:
             rep = api.evaluate(
@@ -673,6 +695,13 @@ def evaluate(
             table.add_row(r["utterance"], r["identity"], *(f"{r[k]:.3f}" for k in keys))
         mean = rep["heldout"]["mean"]
         table.add_row("mean", "", *(f"{mean[k]:.3f}" for k in keys), style="bold")
+        out.print(table)
+    if rep["audio_use"] is not None:
+        table = Table(title="mouth prediction vs truth, temporal R² (audio use)")
+        for col in ("timestep", "own audio", "another clip's audio"):
+            table.add_column(col, justify="right")
+        for r in rep["audio_use"]["rows"]:
+            table.add_row(str(r["timestep"]), f"{r['r2']:.3f}", f"{r['r2_other_audio']:.3f}")
         out.print(table)
     if rep["portraits"]:
         table = Table(title=f"portraits ({rep['model']})")

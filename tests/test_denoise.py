@@ -21,6 +21,7 @@ from lightningcp_cli.stages.denoise import (
     EpsilonScaledDDIMScheduler,
     Sampler,
     StepContext,
+    as_clean,
     as_noise,
     context_windows,
     denoise,
@@ -92,6 +93,23 @@ def test_scheduler_matches_golden_tables(golden_io):
     )
     out = s.step(golden_io["ddim_in_model_output"], 999, golden_io["ddim_in_sample"], eta=0.0)
     assert (out.prev_sample - golden_io["ddim_out_prev_sample"]).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["sample", "v_prediction", "epsilon"])
+def test_as_clean_recovers_the_clean_latent_of_each_prediction_type(kind):
+    """A model output that is exactly right implies the clean latent it was made from,
+    the same x0 that the scheduler's own step reports."""
+    s = make_scheduler(kind)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 3, 5, 5, generator=g), torch.randn(2, 4, 3, 5, 5, generator=g)
+    for t in (0, 400, 900):
+        a = s.alphas_cumprod[t]
+        noisy = s.add_noise(x0, eps, torch.tensor([t, t]))
+        out = {"sample": x0, "epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0}
+        torch.testing.assert_close(as_clean(s, out[kind], t, noisy), x0, rtol=1e-4, atol=1e-4)
+        s.set_timesteps(1000)
+        step_x0 = s.step(out[kind], t, noisy).pred_original_sample
+        torch.testing.assert_close(as_clean(s, out[kind], t, noisy), step_x0)
 
 
 @pytest.mark.parametrize("kind", ["sample", "v_prediction", "epsilon"])

@@ -26,6 +26,7 @@ import torch
 from ..config import DenoiseConfig, ProgressFn, RenderConfig
 from ..models.bundle import TalkingHeadModel
 from ..models.codec import image_to_tensor
+from .audio_use import AudioUseConfig
 from .metrics import video_fidelity
 from .quality import (
     correlation,
@@ -47,6 +48,7 @@ class EvalConfig:
     seed: int = 0  # which held-out clips (and their faces) are drawn
     denoise: DenoiseConfig = DenoiseConfig()
     accel: str = "none"
+    audio_use: AudioUseConfig | None = None  # also probe the network (needs a corpus)
 
     def __post_init__(self) -> None:
         if self.clips < 1 or self.frames < 3:

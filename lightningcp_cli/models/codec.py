@@ -268,6 +268,21 @@ def image_to_tensor(
     return t.to(dtype)
 
 
+def encode_clip(
+    codec: LatentCodec, frames: torch.Tensor, reference: torch.Tensor, latent_origin: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-side encoding of clips ``[B, F, 3, H, W]`` and their reference crops
+    ``[B, 3, H, W]`` (both in [-1, 1]): ``(latents [B, C, F, h, w], reference latents
+    [B, C, h, w])``, the clip's latents measured from the reference when
+    ``latent_origin == "reference"`` (``ModelSpec.latent_origin``)."""
+    b, f = frames.shape[:2]
+    latents = codec.encode(frames.flatten(0, 1)).unflatten(0, (b, f)).transpose(1, 2)
+    ref_latents = codec.encode(reference)
+    if latent_origin == "reference":
+        latents = latents - ref_latents[:, :, None]
+    return latents, ref_latents
+
+
 def tensor_to_images(images: torch.Tensor) -> np.ndarray:
     """``[N, 3, H, W]`` in [-1, 1] -> NxHxWx3 uint8 (clamped, rounded)."""
     if images.ndim != 4 or images.shape[1] != 3:

@@ -286,6 +286,22 @@ def as_noise(
     raise ValueError(f"unsupported prediction type {kind!r}")
 
 
+def as_clean(
+    scheduler: DDIMScheduler, output: torch.Tensor, t: torch.Tensor | int, sample: torch.Tensor
+) -> torch.Tensor:
+    """The clean latent (x0) that a model ``output`` at timestep ``t`` on ``sample`` implies
+    (for epsilon prediction undefined at zero SNR)."""
+    kind = scheduler.config.prediction_type
+    if kind == "sample":
+        return output
+    a = _alpha(scheduler, t, sample)
+    if kind == "v_prediction":
+        return a.sqrt() * sample - (1 - a).sqrt() * output
+    if kind == "epsilon":
+        return (sample - (1 - a).sqrt() * output) / a.sqrt()
+    raise ValueError(f"unsupported prediction type {kind!r}")
+
+
 def noise_as(
     scheduler: DDIMScheduler, noise: torch.Tensor, t: torch.Tensor | int, sample: torch.Tensor
 ) -> torch.Tensor:

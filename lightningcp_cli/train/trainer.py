@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ..config import ProgressFn
-from ..models.codec import load_codec
+from ..models.codec import encode_clip, load_codec
 from ..models.loading import load_model_weights
 from ..models.registry import ModelSpec, get_model_spec
 from ..stages.denoise import make_scheduler
@@ -135,12 +135,8 @@ class Trainer:
         dev, spec = self.device, self.spec
         ref = batch["reference"].to(dev)  # [B, 3, H, W]
         frames = batch["frames"].to(dev)  # [B, F, 3, H, W]
-        b, f = frames.shape[:2]
-        x0 = self.codec.encode(frames.flatten(0, 1))  # [(B F), C, h, w]
-        x0 = x0.unflatten(0, (b, f)).permute(0, 2, 1, 3, 4)  # [B, C, F, h, w]
-        ref_latents = self.codec.encode(ref)  # [B, C, h, w]
-        if spec.latent_origin == "reference":
-            x0 = x0 - ref_latents[:, :, None]
+        b = frames.shape[0]
+        x0, ref_latents = encode_clip(self.codec, frames, ref, spec.latent_origin)
         bank = self.nets["reference_unet"](ref_latents)
         face = self.nets["face_locator"](batch["face_mask"].to(dev)[:, :, None])
         audio = batch["audio"].to(dev)
