@@ -68,10 +68,12 @@ def audio_use(
     gen = torch.Generator().manual_seed(config.seed)
     # per timestep and audio: [weighted squared error, weighted truth variance]
     sums = {(t, own): [0.0, 0.0] for t in config.timesteps for own in (True, False)}
+    used = 0
     for start in range(0, config.clips, config.batch_size):
         indices = range(start, min(start + config.batch_size, config.clips))
-        if len(indices) < 2:  # "another clip's audio" needs a second clip
+        if len(indices) < 2:  # "another clip's audio" needs a second clip: skip a last 1
             break
+        used += len(indices)
         batch = torch.utils.data.default_collate([data[i] for i in indices])
         x0, ref_latents = encode_clip(
             model.codec,
@@ -106,4 +108,4 @@ def audio_use(
         }
         for t in config.timesteps
     ]
-    return {"split": config.split, "clips": config.clips, "frames": config.frames, "rows": rows}
+    return {"split": config.split, "clips": used, "frames": config.frames, "rows": rows}
