@@ -658,12 +658,12 @@ def evaluate(
             pairs.append(api.example_inputs())
         if corpus is None and not pairs:
             raise ConfigError("nothing to score: give --corpus DIR, --face/--audio or --example")
-        if audio_use and corpus is None:
-            raise ConfigError("--audio-use probes corpus clips: give --corpus DIR")
         probe = None
         if audio_use:
             from .bench.audio_use import AudioUseConfig
 
+            if corpus is None:
+                raise ConfigError("--audio-use probes corpus clips: give --corpus DIR")
             probe = AudioUseConfig() if probe_clips is None else AudioUseConfig(clips=probe_clips)
         cfg = with_sampler(
             EvalConfig(clips=clips, frames=frames, accel=accel, audio_use=probe),
