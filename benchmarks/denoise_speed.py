@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lightningcp_cli.api import face_feature as locator_feature
 from lightningcp_cli.config import DenoiseConfig, FaceConfig
 from lightningcp_cli.models.bundle import TalkingHeadModel, resolve_device
 from lightningcp_cli.models.loading import load_model_weights
@@ -80,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         ref_latents = torch.randn(1, spec.latent_channels, lat, lat, generator=gen)
         bank = model.reference_net(ref_latents.to(device, dtype))
-        mask = torch.from_numpy(np.array(face.face_mask))[None, None, None].to(device, dtype)
-        face_feature = model.face_locator(mask)
+        opening = np.linspace(0, 1, args.frames, dtype=np.float32)  # a mouth track's cost
+        face_feature = locator_feature(model, face.face_mask, face.mouth_mask, opening)
         n_tokens = 10 * (5 if spec.audio_encoder == "whisper-tiny" else 1)
         audio = torch.randn(args.frames, n_tokens, spec.unet.cross_attention_dim, generator=gen)
         audio = audio.to(device, dtype)

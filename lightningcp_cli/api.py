@@ -30,10 +30,11 @@ from .config import DenoiseConfig, ProgressFn, RenderConfig
 from .errors import InputNotFoundError, OutputError
 from .models.bundle import TalkingHeadModel, load_model
 from .models.registry import MODELS, ModelSpec, get_model_spec
-from .stages.audio import load_audio, num_video_frames, prepare_audio
+from .stages.audio import AudioFeatures, load_audio, num_video_frames, prepare_audio
 from .stages.decode import decode_frames, paste_back, resize_output
 from .stages.denoise import denoise_stream
-from .stages.face import analyze_face, load_image
+from .stages.face import FaceAnalysis, analyze_face, load_image
+from .stages.motion import LocatorTrack, MouthTrack
 from .stages.mux import VideoWriter, check_output_path
 from .stages.reference import compute_reference, latent_origin
 
@@ -136,10 +137,32 @@ def require_file(path: Path, what: str) -> None:
         raise InputNotFoundError(f"{path}: {what} is not a file")
 
 
-def face_feature(model: TalkingHeadModel, face_mask: np.ndarray) -> torch.Tensor:
-    """The face locator's output for a ``res x res`` 0/1 face mask: ``[1, C0, 1, h, w]``."""
-    mask = torch.from_numpy(np.array(face_mask, np.float32))[None, None, None]
-    return model.face_locator(mask.to(model.device, model.dtype))
+def face_feature(
+    model: TalkingHeadModel, face_mask: np.ndarray, track: MouthTrack | None = None
+) -> torch.Tensor | LocatorTrack:
+    """The face locator's output for a ``res x res`` 0/1 face mask: ``[1, C0, 1, h, w]``,
+    or for a model with a mouth track (``ModelSpec.mouth_track``) a :class:`LocatorTrack`
+    of the frames of ``track``."""
+
+    def tensor(values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(values, np.float32)).to(model.device, model.dtype)
+
+    if not model.spec.mouth_track:
+        return model.face_locator(tensor(face_mask)[None, None, None])
+    if track is None:
+        raise ValueError(f"{model.spec.name} needs the mouth track of the speech")
+    return LocatorTrack(
+        model.face_locator,
+        tensor(face_mask)[None, None],
+        tensor(track.mouth_mask)[None, None],
+        tensor(track.geometry)[None],
+        tensor(track.opening),
+    )
+
+
+def mouth_track(face: FaceAnalysis, audio: AudioFeatures) -> MouthTrack:
+    """The mouth track of a render: the portrait's mouth, opened as the speech says."""
+    return MouthTrack(face.mouth_mask, face.mouth_geometry(), audio.mouth_opening())
 
 
 @torch.inference_mode()
@@ -186,7 +209,8 @@ def render(
             if cache is None and cfg.use_cache:
                 cache = FeatureCache()
             ref = compute_reference(model, face, cache if cfg.use_cache else None)
-            locator_feature = face_feature(model, face.face_mask)
+            track = mouth_track(face, audio) if spec.mouth_track else None
+            locator_feature = face_feature(model, face.face_mask, track)
             progress("reference", 1, 1)
         # Long audio streams: each chunk of latents is decoded and piped to ffmpeg before
         # the next is denoised, so memory does not grow with the video's length.

@@ -7,8 +7,9 @@
   whole video's audio tokens plus one all-zero row (what the unconditional CFG rows
   see): a table ``[F + 1, N, C]`` per layer; a call picks its rows by frame index
   (:func:`audio_row_index`).
-* The face locator runs once per render already (``api.render``), and the reference
-  bank once per video (``stages.reference`` with its disk cache).
+* The face locator runs once per render already (``api.render``; with a mouth track,
+  once per frame per chunk of the video), and the reference bank once per video
+  (``stages.reference`` with its disk cache).
 
 The cache is a per-run state object (:meth:`StaticFeatures.reset`) that the sampler owns
 and hands to the processors through the per-call context (``processors.AccelCall``).

@@ -71,7 +71,7 @@ class Experiment:
         seed: int = 420,
         device: str = "cpu",
     ) -> None:
-        from ..api import example_inputs, face_feature, resolve_denoise
+        from ..api import example_inputs, face_feature, mouth_track, resolve_denoise
         from ..models.bundle import load_model
         from ..stages.audio import prepare_audio
         from ..stages.face import analyze_face, load_image
@@ -88,7 +88,8 @@ class Experiment:
                 audio or ex_audio, self.model.audio_encoder, fps, AudioConfig()
             )
             self.reference = compute_reference(self.model, self.face, None)
-            self.face_feature = face_feature(self.model, self.face.face_mask)
+            track = mouth_track(self.face, self.audio) if spec.mouth_track else None
+            self.face_feature = face_feature(self.model, self.face.face_mask, track)
         asked = DenoiseConfig(
             steps=steps,
             guidance=guidance,

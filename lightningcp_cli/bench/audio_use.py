@@ -6,9 +6,10 @@ one noise level at a time: corpus clips are noised to timestep ``t``, the clean 
 predicted, and the **temporal R²** of the mouth region is computed, i.e. how well the
 predicted change of the mouth over the clip's frames matches the truth's (1: exact, 0: no
 better than a still mouth), weighted by the mouth box.  It is computed twice, with each
-clip's own audio and with another clip's: the gap is what the prediction owes to the
-audio.  At ``t = 999`` (zero SNR) the input holds no trace of the clip, so a mouth that
-moves in sync there comes from the audio alone.
+clip's own speech and with another clip's (audio tokens, and for a model with a mouth
+track the corpus's track of that speech): the gap is what the prediction owes to the
+speech.  At ``t = 999`` (zero SNR) the input holds no trace of the clip, so a mouth that
+moves in sync there comes from the speech alone.
 
 48 clips at four noise levels take about half a minute on a 2-core CPU.
 """
@@ -51,7 +52,7 @@ def audio_use(
 ) -> dict[str, Any]:
     """Temporal R² of the predicted mouth with the clips' own audio (``r2``) and with
     another clip's (``r2_other_audio``), per timestep: ``{"rows": [...], ...}``."""
-    from ..train.dataset import SynthesisConfig, TalkingFaceDataset
+    from ..train.dataset import SynthesisConfig, TalkingFaceDataset, locator_input
 
     spec, dev, dtype = model.spec, model.device, model.dtype
     if spec.codec == "sd-vae":
@@ -82,8 +83,11 @@ def audio_use(
             spec.latent_origin,
         )
         bank = model.reference_net(ref_latents)
-        face = model.face_locator(batch["face_mask"].to(dev, dtype)[:, :, None])
         audio = batch["audio"].to(dev, dtype)
+        faces = {  # "another clip's speech" swaps the mouth track too, for a model with one
+            own: model.face_locator(locator_input(batch, spec.mouth_track, opening).to(dev, dtype))
+            for own, opening in ((True, None), (False, batch["mouth_open"].roll(1, 0)))
+        }
         keep = torch.ones(len(indices), dtype=torch.bool, device=dev)
         mouth = F.avg_pool2d(batch["mouth_mask"].to(dev, dtype), spec.codec_factor)[:, :, None]
         truth = x0 - x0.mean(2, keepdim=True)  # the mouth's change over the clip
@@ -92,7 +96,7 @@ def audio_use(
         for t in config.timesteps:
             timestep = torch.full((len(indices),), t, dtype=torch.long, device=dev)
             noisy = scheduler.add_noise(x0, noise, timestep)
-            for own in (True, False):
+            for own, face in faces.items():
                 cond = audio if own else audio.roll(1, 0)
                 out = model.denoiser(noisy, timestep, cond, face, bank, keep)
                 pred = as_clean(scheduler, out, t, noisy)

@@ -26,6 +26,7 @@ import torch
 from ..config import DenoiseConfig, ProgressFn, RenderConfig
 from ..models.bundle import TalkingHeadModel
 from ..models.codec import image_to_tensor
+from ..stages.motion import MouthTrack
 from .audio_use import AudioUseConfig
 from .metrics import video_fidelity
 from .quality import (
@@ -67,10 +68,12 @@ def generate_clip(
     tokens: torch.Tensor,
     denoise_config: DenoiseConfig,
     accel: str = "none",
+    track: MouthTrack | None = None,
 ) -> list[np.ndarray]:
     """Face-crop frames (uint8) generated from a reference crop, its face-locator mask
-    (``res x res`` 0/1) and audio tokens ``[F, N, D]``: the render pipeline minus the
-    face and audio stages, for inputs that are already crops and tokens."""
+    (``res x res`` 0/1) and audio tokens ``[F, N, D]`` (and the speech's mouth track for a
+    model with one): the render pipeline minus the face and audio stages, for inputs that
+    are already crops and tokens."""
     from ..accel import build_sampler
     from ..api import face_feature, resolve_denoise
     from ..stages.decode import decode_frames
@@ -85,7 +88,7 @@ def generate_clip(
             latents = denoise(
                 model.denoiser,
                 tokens.to(model.device, model.dtype),
-                face_feature(model, face_mask),
+                face_feature(model, face_mask, track),
                 bank,
                 cfg,
                 tuple(ref_latents.shape[1:]),
@@ -101,8 +104,10 @@ def heldout_samples(
     corpus: Path, config: EvalConfig, window_position: float = 0.0
 ) -> list[dict[str, Any]]:
     """``config.clips`` held-out clips of ``config.frames`` frames, with the speech
-    envelope of their frames (``envelope``); audio tokens for a model whose spec has
+    envelope (``envelope``) and the mouth track (``track``, its opening made from the
+    stored speech as a render makes it) of their frames; audio tokens for a model whose spec has
     ``audio_window_position = window_position``."""
+    from ..stages.motion import mouth_opening
     from ..train.dataset import SynthesisConfig, TalkingFaceDataset
     from ..train.speech import SAMPLE_RATE, frame_envelope
 
@@ -123,6 +128,8 @@ def heldout_samples(
         env = frame_envelope(audio, synth.fps, SAMPLE_RATE)
         env = np.pad(env, (0, max(0, s["offset"] + config.frames - len(env))))
         s["envelope"] = env[s["offset"] : s["offset"] + config.frames]
+        opening = mouth_opening(audio, SAMPLE_RATE, synth.fps, s["offset"] + config.frames)
+        s["track"] = MouthTrack(s["mouth_mask"], s["mouth_geometry"], opening[s["offset"] :])
         samples.append(s)
     return samples
 
@@ -139,7 +146,13 @@ def eval_heldout(
     samples = heldout_samples(corpus, config, model.spec.audio_window_position)
     for i, s in enumerate(samples):
         frames = generate_clip(
-            model, s["reference"], s["face_mask"], s["tokens"], config.denoise, config.accel
+            model,
+            s["reference"],
+            s["face_mask"],
+            s["tokens"],
+            config.denoise,
+            config.accel,
+            s["track"],
         )
         truth = list(s["frames"])
         fid = video_fidelity(truth, frames)

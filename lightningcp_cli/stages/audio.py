@@ -23,6 +23,7 @@ import torch
 from ..config import AudioConfig
 from ..errors import AudioError, ConfigError, InputNotFoundError
 from ..media import ffmpeg_exe, last_line, try_probe
+from .motion import mouth_opening
 
 if TYPE_CHECKING:
     from ..models.audio_encoder import AudioEncoder
@@ -113,6 +114,11 @@ class AudioFeatures:
     num_frames: int
     fps: float
     encoder: str = field(default="")  # name of the encoder that made the tokens
+
+    def mouth_opening(self) -> np.ndarray:
+        """The mouth opening of every video frame, from the speech
+        (:func:`~.motion.mouth_opening`), ``[num_frames]``."""
+        return mouth_opening(self.audio.samples, self.audio.sample_rate, self.fps, self.num_frames)
 
     @property
     def tokens(self) -> torch.Tensor:

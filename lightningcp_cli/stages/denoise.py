@@ -39,6 +39,7 @@ from ..errors import NonFiniteError
 
 if TYPE_CHECKING:
     from .audio import FrameWindows
+    from .motion import LocatorTrack
 
 Bank = Mapping[str, torch.Tensor]
 
@@ -250,7 +251,7 @@ class RunInputs:
     """The inputs every step and window of one :func:`denoise` run shares (static features).
 
     ``audio`` ``[1, F, N, D]`` (the whole video, model dtype/device), ``face_feature``
-    ``[1, C0, 1, h, w]`` or None, ``bank`` as handed to the model, ``timesteps`` of the
+    ``[1, C0, 1|F, h, w]`` or None, ``bank`` as handed to the model, ``timesteps`` of the
     run in order, ``cfg`` whether classifier-free guidance rows are used,
     ``latent_shape`` ``(C, h, w)``.
     """
@@ -442,7 +443,7 @@ class Sampler:
 def denoise(
     denoiser: Denoiser,
     audio_tokens: torch.Tensor,
-    face_feature: torch.Tensor | None,
+    face_feature: torch.Tensor | LocatorTrack | None,
     bank: Bank | None,
     cfg: DenoiseConfig,
     latent_shape: Sequence[int],
@@ -457,7 +458,8 @@ def denoise(
     """Run the sampler over the whole video; returns latents ``[1, C, F, h, w]``.
 
     ``audio_tokens`` is ``[F, N, D]`` (F = number of video frames), ``face_feature`` the
-    face locator's output ``[1, C0, 1, h, w]`` (or None), ``bank`` the ReferenceNet's
+    face locator's output ``[1, C0, 1, h, w]``, one per frame ``[1, C0, F, h, w]`` (or a
+    :class:`~.motion.LocatorTrack` of F frames), or None; ``bank`` the ReferenceNet's
     feature bank, passed to the model as is (its storage dtype, e.g. EchoMimic's float16
     rounding, is the ReferenceNet's ``bank_dtype``).  ``cfg`` is a resolved ``DenoiseConfig``
     (``steps``, ``guidance``, ``context_frames``, ``context_overlap``, ``seed``,
@@ -520,7 +522,18 @@ def denoise(
         raise ValueError(f"initial latents {tuple(latents.shape)} do not match the video")
     audio = audio_tokens.to(device=device, dtype=dtype).unsqueeze(0)
     if face_feature is not None:
+        if not isinstance(face_feature, torch.Tensor):
+            face_feature = face_feature[:]  # a LocatorTrack: one feature per frame
+        if face_feature.shape[2] not in (1, num_frames):
+            raise ValueError(
+                f"face feature has {face_feature.shape[2]} frames, the video {num_frames}"
+            )
         face_feature = face_feature.to(device=device, dtype=dtype)
+    per_frame_face = face_feature is not None and face_feature.shape[2] > 1
+
+    def face_at(idx: torch.Tensor) -> torch.Tensor | None:
+        """The face feature of a window's frames."""
+        return face_feature[:, :, idx] if per_frame_face else face_feature
 
     run = RunInputs(
         audio,
@@ -579,7 +592,7 @@ def denoise(
             ctx = step_context(step_index, window_index, windows, lead)
             idx = torch.tensor(frames, device=device)
             window_latents = scheduler.scale_model_input(latents[:, :, idx], t)
-            pred = sampler.predict(window_latents, ctx, audio[:, idx], face_feature, bank)
+            pred = sampler.predict(window_latents, ctx, audio[:, idx], face_at(idx), bank)
             noise_pred[:, :, idx] += pred
             counter[:, :, idx] += 1
         return guide(noise_pred / counter)
@@ -607,7 +620,7 @@ def denoise(
                     ]
                 )
                 pred = sampler.predict_batch(
-                    window_latents, ctxs, audio[:, idx], face_feature, bank
+                    window_latents, ctxs, audio[:, idx], face_at(idx), bank
                 )
                 if pred.shape[:2] != (len(part), rows):
                     raise ValueError(
@@ -660,7 +673,7 @@ def denoise(
 def denoise_stream(
     denoiser: Denoiser,
     audio_tokens: torch.Tensor | FrameWindows,
-    face_feature: torch.Tensor | None,
+    face_feature: torch.Tensor | LocatorTrack | None,
     bank: Bank | None,
     cfg: DenoiseConfig,
     latent_shape: Sequence[int],
@@ -678,7 +691,8 @@ def denoise_stream(
     longer one starts every frame from :func:`frame_noise`; the frames two chunks share
     are cross-faded linearly from the earlier chunk's to the later one's, so there is no
     seam (both chunks denoise them from the same noise and audio).  ``audio_tokens`` may
-    be :class:`~.audio.FrameWindows`, whose windows are then made one chunk at a time.
+    be :class:`~.audio.FrameWindows`, whose windows are then made one chunk at a time, and
+    ``face_feature`` a :class:`~.motion.LocatorTrack`, likewise.
     """
     num_frames = audio_tokens.shape[0]
     plan = chunk_plan(num_frames, cfg.chunk_frames, cfg.chunk_overlap)
@@ -688,10 +702,15 @@ def denoise_stream(
             if on_progress is not None:
                 on_progress(stage, index * total + done, len(plan) * total)
 
+        face = face_feature
+        if isinstance(face, torch.Tensor) and face.shape[2] > 1:
+            face = face[:, :, start:end]
+        elif face is not None and not isinstance(face, torch.Tensor):
+            face = face[start:end]
         return denoise(
             denoiser,
             audio_tokens[start:end],
-            face_feature,
+            face,
             bank,
             cfg,
             latent_shape,

@@ -36,6 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..config import FaceConfig
 from ..errors import ImageError, InputNotFoundError, NoFaceError
+from .motion import box_mouth_geometry, mouth_geometry
 
 Box = tuple[int, int, int, int]
 
@@ -175,6 +176,19 @@ class FaceAnalysis:
     @property
     def has_landmarks(self) -> bool:
         return self.landmarks is not None
+
+    def mouth_geometry(self) -> np.ndarray:
+        """Inner lip corners (x, y) and face height in crop pixels, ``[5]``
+        (:func:`~.motion.mouth_geometry`).  Box-only: guessed from the mouth box (corners
+        at 0.6 of its half-width, the default mouth dilation's inner box) and the face
+        box's height."""
+        if self.crop_landmarks is not None:
+            return mouth_geometry(self.crop_landmarks)
+        ys, xs = np.nonzero(self.mouth_mask)
+        cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+        half = 0.6 * (xs.max() + 1 - xs.min()) / 2
+        height = (self.face_box[3] - self.face_box[1]) * self.crop_scale
+        return box_mouth_geometry((cx - half, cy, cx + half, cy), height)
 
     @property
     def crop_scale(self) -> float:

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from ..stages.motion import MAX_OPEN, UPPER_SHARE
+
 __all__ = [
     "MESH_INDICES",
     "RIG_LAYOUT",
@@ -225,8 +227,8 @@ class FaceRig:
 class AnimationConfig:
     """Strength of each motion.  Validated on creation (``ValueError``)."""
 
-    max_open: float = 0.12  # inner-lip gap added at opening 1, fraction of the face height
-    upper_share: float = 0.25  # part of that gap made by the upper lip moving up
+    max_open: float = MAX_OPEN  # inner-lip gap added at opening 1, share of the face height
+    upper_share: float = UPPER_SHARE  # part of that gap made by the upper lip moving up
     max_width: float = 0.16  # corner shift at |width| 1, fraction of the inner half-width
     teeth: float = 1.0  # opacity of the teeth (0: a plain dark cavity)
     blink_close: float = 0.92  # how far the upper lid travels at blink 1 (1 = to the lower lid)

@@ -33,6 +33,7 @@ import torch
 from ..config import AudioConfig, ProgressFn
 from ..stages.audio import audio_windows, num_video_frames
 from ..stages.face import _rect_mask, grow_box
+from ..stages.motion import frame_curve, locator_masks, mouth_gap
 from .animate import AnimationConfig, MouthAnimator, blink_track, head_motion
 from .faces import (
     AugmentConfig,
@@ -51,6 +52,7 @@ __all__ = [
     "TalkingFaceDataset",
     "build_corpus",
     "heldout_procedural_seeds",
+    "locator_input",
 ]
 
 CORPUS_FILES = (
@@ -88,6 +90,20 @@ LICENCES: dict[str, str] = {
 def heldout_procedural_seeds(count: int = 64) -> list[int]:
     """The procedural faces of the held-out split: seeds ``8k + 7`` for ``k < count``."""
     return [8 * k + 7 for k in range(count)]
+
+
+def locator_input(
+    batch: dict[str, Any], mouth_track: bool, opening: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The face locator's input for a collated batch of clips, ``[B, 1, 1|F, H, W]``: the
+    face mask, with the mouth track drawn in when the model has one (``opening`` ``[B, F]``,
+    by default the clips' own ``mouth_open``)."""
+    if not mouth_track:
+        return batch["face_mask"][:, :, None]
+    opening = batch["mouth_open"] if opening is None else opening
+    face = batch["face_mask"]
+    gap = mouth_gap(batch["mouth_geometry"], opening, face.shape[-1]).to(face.device)
+    return locator_masks(face, batch["mouth_mask"], gap)
 
 
 # --------------------------------------------------------------------------- config
@@ -331,13 +347,12 @@ class TalkingFaceDataset(torch.utils.data.Dataset):
     # ------------------------------------------------------------------ samples
 
     def curves(self, u: Utterance, offset: int, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
-        """Opening and width of video frames ``offset .. offset + num_frames - 1`` (the
-        50 Hz curves sampled at ``frame / fps`` seconds; 0 past the end)."""
-        pos = (offset + np.arange(num_frames)) * (FEATURE_RATE / self.config.fps)
-        grid = np.arange(u.num_features)
-        op = np.interp(pos, grid, u.opening, right=0.0)
-        wd = np.interp(pos, grid, u.width, right=0.0)
-        return op.astype(np.float32), wd.astype(np.float32)
+        """Opening and width of video frames ``offset .. offset + num_frames - 1``."""
+        fps = self.config.fps
+        return (
+            frame_curve(u.opening, fps, offset, num_frames),
+            frame_curve(u.width, fps, offset, num_frames),
+        )
 
     def tokens(self, u: Utterance, offset: int, num_frames: int) -> torch.Tensor:
         """Audio tokens ``[F, 10, 80]`` of video frames ``offset ..`` exactly as the audio
@@ -381,6 +396,7 @@ class TalkingFaceDataset(torch.utils.data.Dataset):
             "tokens": self.tokens(u, offset, f),
             "face_mask": self.face_mask(ident),
             "mouth_mask": self.mouth_mask(ident),
+            "mouth_geometry": self.mouth_geometry(ident),
             "mouth_open": opening,
             "mouth_width": width,
             "blink": blinks.astype(np.float32),
@@ -402,6 +418,13 @@ class TalkingFaceDataset(torch.utils.data.Dataset):
         box = grow_box(ident.rig.lip_box(), self.config.mouth_dilation)
         return _rect_mask(box, (0, 0, res, res), res)
 
+    def mouth_geometry(self, ident: Identity) -> np.ndarray:
+        """Inner lip corners and face height (:func:`~..stages.motion.mouth_geometry`)."""
+        rig = ident.rig
+        upper, lower = rig.part("lip_upper_inner"), rig.part("lip_lower_inner")
+        left, right = (upper[0] + lower[0]) / 2, (upper[-1] + lower[-1]) / 2
+        return np.array([*left, *right, rig.face_height], np.float32)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One clip:
 
@@ -409,6 +432,7 @@ class TalkingFaceDataset(torch.utils.data.Dataset):
         - ``frames`` [F, 3, H, W] float32 in [-1, 1]: the animated clip
         - ``audio`` [F, 10, 80] float32: the audio tokens of these frames
         - ``face_mask``, ``mouth_mask`` [1, H, W] float32 0/1
+        - ``mouth_geometry`` [5] float32: inner lip corners (x, y) and the face height
         - ``mouth_open``, ``mouth_width``, ``blink`` [F] float32: the values rendered
         - ``utterance``, ``identity`` (str), ``offset`` (first video frame), ``index``
         """
@@ -422,6 +446,7 @@ class TalkingFaceDataset(torch.utils.data.Dataset):
             "audio": a["tokens"].float(),
             "face_mask": torch.from_numpy(a["face_mask"])[None],
             "mouth_mask": torch.from_numpy(a["mouth_mask"])[None],
+            "mouth_geometry": torch.from_numpy(a["mouth_geometry"]),
             "mouth_open": torch.from_numpy(a["mouth_open"]),
             "mouth_width": torch.from_numpy(a["mouth_width"]),
             "blink": torch.from_numpy(a["blink"]),

@@ -13,15 +13,10 @@ Sources (see ``docs/DATA_ENGINE.md`` for licences):
 
 Each utterance stores the 16 kHz waveform (int16, optional to save space), the features
 of the bundled model's audio encoder (``MelAudioEncoder``: ``[T, 1, 80]`` at 50 Hz,
-stored float16) and two curves at the same 50 Hz frames, derived from the *clean* audio:
-
-- ``opening`` in [0, 1]: the band-limited (250-4000 Hz) amplitude envelope, referred to
-  the utterance's loud frames, compressed (``** 0.7``), gated to exactly 0 in silence,
-  smoothed with a fast attack (20 ms) and slower release (60 ms), leading the audio by
-  one 20 ms frame (the mouth opens a little before the sound);
-- ``width`` in [-1, 1]: lip spread (+) vs rounding (-), from the balance of energy at
-  1.8-3.5 kHz (high second formant: "ee") against 250-1000 Hz (low: "oo"), standardised
-  per utterance, weighted by the opening (0 in silence).
+stored float16) and two curves at the same 50 Hz frames, the mouth's ``opening`` in
+[0, 1] and ``width`` in [-1, 1], derived from the *clean* audio by
+:func:`~lightningcp_cli.stages.motion.mouth_curves` (which a render of lcp-tiny also runs
+on its speech, for the mouth track).
 
 The corpus is ONE safetensors file (all utterances concatenated, with offsets; the
 manifest in its metadata) plus the same manifest as JSON.  :class:`SpeechCorpus` reads
@@ -38,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ..stages.motion import FEATURE_RATE, HOP, SAMPLE_RATE, mouth_curves
 
 __all__ = [
     "ASSET_SPEECH",
@@ -59,9 +56,6 @@ __all__ = [
     "synthesize",
 ]
 
-SAMPLE_RATE = 16_000
-FEATURE_RATE = 50
-HOP = SAMPLE_RATE // FEATURE_RATE
 ASSET_SPEECH = Path(__file__).parent / "assets" / "speech"
 #: Real clips trained on (committed in ``assets/speech/``).  ``echomimic_en_girl`` is also
 #: ``examples/speech2.wav``.
@@ -355,74 +349,6 @@ def _resample(x: np.ndarray, sr: int, target: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- curves
-
-
-def _stft_power(x: np.ndarray, n_fft: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Power spectrum ``[T, n_fft/2+1]`` at the encoder's frames (centred, hop 320,
-    ``T = max(1, N // 320)``) and the bin frequencies."""
-    x = np.asarray(x, np.float64)
-    frames = max(1, len(x) // HOP)
-    pad = n_fft // 2
-    xp = np.pad(x, (pad, pad + n_fft), mode="constant")
-    idx = np.arange(frames)[:, None] * HOP + np.arange(n_fft)[None, :]
-    win = np.hanning(n_fft + 1)[:-1]
-    spec = np.fft.rfft(xp[idx] * win, axis=1)
-    return (spec.real**2 + spec.imag**2), np.fft.rfftfreq(n_fft, 1.0 / SAMPLE_RATE)
-
-
-def _attack_release(x: np.ndarray, attack: float, release: float) -> np.ndarray:
-    """One-pole smoothing with separate rise/fall time constants (seconds) at 50 Hz."""
-    dt = 1.0 / FEATURE_RATE
-    a_up, a_dn = 1 - np.exp(-dt / attack), 1 - np.exp(-dt / release)
-    y = np.zeros_like(x)
-    prev = 0.0
-    for i, v in enumerate(x):
-        prev += (a_up if v > prev else a_dn) * (v - prev)
-        y[i] = prev
-    return y
-
-
-def mouth_curves(
-    samples: np.ndarray, *, lead: int = 1, gate_db: float = 38.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(opening, width)`` at 50 Hz (``T = max(1, N // 320)``, the encoder's frames) for
-    16 kHz mono speech.  See the module docstring.  numpy only."""
-    x = np.asarray(samples, np.float64).ravel()
-    power, freqs = _stft_power(x)
-    band = (freqs >= 250) & (freqs <= 4000)
-    e = power[:, band].sum(axis=1)
-    db = 10 * np.log10(e + 1e-12)
-    t = len(db)
-    ref = float(np.percentile(db, 95)) if t > 1 else float(db.max())
-    floor = float(np.percentile(db, 10)) if t > 10 else ref - 60
-    gate = max(ref - gate_db, floor + 6.0)
-    amp = 10 ** ((db - ref) / 20)  # amplitude relative to the loud frames
-    raw = np.clip(amp, 0, 1.25) ** 0.7
-    g0 = (10 ** ((gate - ref) / 20)) ** 0.7
-    raw = np.clip((raw - g0) / max(1 - g0, 1e-6), 0, 1.15)
-    raw[db < gate] = 0.0
-    if ref < -75:  # digital silence
-        raw[:] = 0.0
-    opening = _attack_release(raw, attack=0.02, release=0.06)
-    if lead > 0 and t > lead:
-        opening = np.concatenate([opening[lead:], np.repeat(opening[-1:], lead)])
-    opening = np.clip(opening, 0, 1)
-    opening[opening < 0.05] = 0.0
-
-    hi = power[:, (freqs >= 1800) & (freqs <= 3500)].sum(axis=1)
-    lo = power[:, (freqs >= 250) & (freqs <= 1000)].sum(axis=1)
-    ratio = 10 * np.log10((hi + 1e-12) / (lo + 1e-12))
-    voiced = opening > 0.05
-    if voiced.sum() >= 3:
-        med = float(np.median(ratio[voiced]))
-        sd = float(ratio[voiced].std()) + 1.0
-        z = np.tanh(0.8 * (ratio - med) / sd)
-    else:
-        z = np.zeros(t)
-    width = _attack_release(z * np.clip(opening * 2, 0, 1), 0.04, 0.04)
-    width = np.clip(width, -1, 1)
-    width[opening == 0] = 0.0
-    return opening.astype(np.float32), width.astype(np.float32)
 
 
 def frame_envelope(samples: np.ndarray, fps: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

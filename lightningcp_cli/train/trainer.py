@@ -9,10 +9,12 @@ official EchoMimic folder layout, which :func:`~lightningcp_cli.models.bundle.lo
 reads.
 
 What is trained, per clip of F frames: the ReferenceNet encodes the clip's reference
-face; the denoiser predicts v for the noised clip given that bank, the audio tokens and
-the face-locator feature.  With probability ``p_uncond`` all three conditions are
-dropped together, exactly as the unconditional half of classifier-free guidance sees
-them at inference (zero audio, zero face feature, no reference attention).
+face; the denoiser predicts the clean clip (the model's ``prediction_type``) from the
+noised one given that bank, the audio tokens and the face-locator feature (with the
+clip's mouth track drawn in, for a model with one).  With probability ``p_uncond`` all
+three conditions are dropped together, exactly as the unconditional half of
+classifier-free guidance sees them at inference (zero audio, zero face feature, no
+reference attention).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ..models.codec import encode_clip, load_codec
 from ..models.loading import load_model_weights
 from ..models.registry import ModelSpec, get_model_spec
 from ..stages.denoise import make_scheduler
-from .dataset import SynthesisConfig, TalkingFaceDataset
+from .dataset import SynthesisConfig, TalkingFaceDataset, locator_input
 
 WEIGHT_FILES = ("reference_unet", "denoising_unet", "motion_module", "face_locator")
 
@@ -138,7 +140,7 @@ class Trainer:
         b = frames.shape[0]
         x0, ref_latents = encode_clip(self.codec, frames, ref, spec.latent_origin)
         bank = self.nets["reference_unet"](ref_latents)
-        face = self.nets["face_locator"](batch["face_mask"].to(dev)[:, :, None])
+        face = self.nets["face_locator"](locator_input(batch, spec.mouth_track).to(dev))
         audio = batch["audio"].to(dev)
 
         keep = torch.rand(b, generator=generator, device="cpu") >= self.config.p_uncond
