@@ -159,3 +159,16 @@ def test_the_face_stage_places_the_mouth_geometry_on_the_portraits_lips():
     for x, y in ((x0, y0), (x1, y1)):  # both corners inside the mouth box
         assert xs.min() <= x <= xs.max() + 1 and ys.min() <= y <= ys.max() + 1
     assert x1 - x0 > 8 and 30 < height < 128
+
+
+def test_box_only_faces_get_a_mouth_geometry_inside_the_mouth_box():
+    from lightningcp_cli.config import FaceConfig
+    from lightningcp_cli.stages.face import build_analysis
+
+    image = np.full((128, 128, 3), 128, np.uint8)
+    face = build_analysis(image, (32, 32, 96, 96), FaceConfig(), 128)  # no face mesh
+    assert face.crop_landmarks is None
+    x0, y0, x1, y1, height = face.mouth_geometry().tolist()
+    ys, xs = np.nonzero(face.mouth_mask)
+    assert xs.min() < x0 < x1 < xs.max() + 1 and y0 == y1
+    assert ys.min() <= y0 <= ys.max() + 1 and height > 0

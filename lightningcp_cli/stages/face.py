@@ -36,7 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..config import FaceConfig
 from ..errors import ImageError, InputNotFoundError, NoFaceError
-from .motion import box_mouth_geometry, mouth_geometry
+from .motion import mouth_geometry
 
 Box = tuple[int, int, int, int]
 
@@ -188,7 +188,7 @@ class FaceAnalysis:
         cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
         half = 0.6 * (xs.max() + 1 - xs.min()) / 2
         height = (self.face_box[3] - self.face_box[1]) * self.crop_scale
-        return box_mouth_geometry((cx - half, cy, cx + half, cy), height)
+        return np.array([cx - half, cy, cx + half, cy, height], np.float32)
 
     @property
     def crop_scale(self) -> float:

@@ -26,7 +26,6 @@ __all__ = [
     "SAMPLE_RATE",
     "LocatorTrack",
     "MouthTrack",
-    "box_mouth_geometry",
     "frame_curve",
     "locator_masks",
     "mouth_gap",
@@ -148,13 +147,6 @@ def mouth_geometry(landmarks: np.ndarray) -> np.ndarray:
     left, right = lm[MESH_POINTS["corner_left"]], lm[MESH_POINTS["corner_right"]]
     height = np.linalg.norm(lm[MESH_POINTS["chin"]] - lm[MESH_POINTS["forehead"]])
     return np.array([*left, *right, height], np.float32)
-
-
-def box_mouth_geometry(mouth_box: tuple[float, float, float, float], face_height: float):
-    """:func:`mouth_geometry` guessed from a mouth box alone (no face mesh)."""
-    x0, y0, x1, y1 = mouth_box
-    y = (y0 + y1) / 2
-    return np.array([x0, y, x1, y, face_height], np.float32)
 
 
 def mouth_gap(geometry: torch.Tensor, opening: torch.Tensor, resolution: int) -> torch.Tensor:
