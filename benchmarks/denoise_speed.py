@@ -33,6 +33,7 @@ from lightningcp_cli.models.loading import load_model_weights
 from lightningcp_cli.models.registry import get_model_spec
 from lightningcp_cli.stages.denoise import denoise
 from lightningcp_cli.stages.face import build_analysis
+from lightningcp_cli.stages.motion import MouthTrack
 
 
 def _sync(device: torch.device) -> None:
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         ref_latents = torch.randn(1, spec.latent_channels, lat, lat, generator=gen)
         bank = model.reference_net(ref_latents.to(device, dtype))
         opening = np.linspace(0, 1, args.frames, dtype=np.float32)  # a mouth track's cost
-        face_feature = locator_feature(model, face.face_mask, face.mouth_mask, opening)
+        track = MouthTrack(face.mouth_mask, face.mouth_geometry(), opening)
+        face_feature = locator_feature(model, face.face_mask, track, face.crop)
         n_tokens = 10 * (5 if spec.audio_encoder == "whisper-tiny" else 1)
         audio = torch.randn(args.frames, n_tokens, spec.unet.cross_attention_dim, generator=gen)
         audio = audio.to(device, dtype)

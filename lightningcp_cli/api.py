@@ -29,6 +29,7 @@ from .cache import FeatureCache
 from .config import DenoiseConfig, ProgressFn, RenderConfig
 from .errors import InputNotFoundError, OutputError
 from .models.bundle import TalkingHeadModel, load_model
+from .models.codec import image_to_tensor
 from .models.registry import MODELS, ModelSpec, get_model_spec
 from .stages.audio import AudioFeatures, load_audio, num_video_frames, prepare_audio
 from .stages.decode import decode_frames, paste_back, resize_output
@@ -138,25 +139,34 @@ def require_file(path: Path, what: str) -> None:
 
 
 def face_feature(
-    model: TalkingHeadModel, face_mask: np.ndarray, track: MouthTrack | None = None
+    model: TalkingHeadModel,
+    face_mask: np.ndarray,
+    track: MouthTrack | None = None,
+    crop: np.ndarray | None = None,
 ) -> torch.Tensor | LocatorTrack:
     """The face locator's output for a ``res x res`` 0/1 face mask: ``[1, C0, 1, h, w]``,
     or for a model with a mouth track (``ModelSpec.mouth_track``) a :class:`LocatorTrack`
-    of the frames of ``track``."""
+    of the frames of ``track``, reading the face crop (``res x res x 3`` uint8) too when
+    the model's locator does (``ModelSpec.locator_reference``)."""
 
     def tensor(values: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.array(values, np.float32)).to(model.device, model.dtype)
 
-    if not model.spec.mouth_track:
+    spec = model.spec
+    if not spec.mouth_track:
         return model.face_locator(tensor(face_mask)[None, None, None])
     if track is None:
-        raise ValueError(f"{model.spec.name} needs the mouth track of the speech")
+        raise ValueError(f"{spec.name} needs the mouth track of the speech")
+    if spec.locator_reference and crop is None:
+        raise ValueError(f"{spec.name}: its face locator reads the face crop")
+    reference = image_to_tensor(crop, model.device, model.dtype) if spec.locator_reference else None
     return LocatorTrack(
         model.face_locator,
         tensor(face_mask)[None, None],
         tensor(track.mouth_mask)[None, None],
         tensor(track.geometry)[None],
         tensor(track.opening),
+        reference,
     )
 
 
@@ -210,7 +220,7 @@ def render(
                 cache = FeatureCache()
             ref = compute_reference(model, face, cache if cfg.use_cache else None)
             track = mouth_track(face, audio) if spec.mouth_track else None
-            locator_feature = face_feature(model, face.face_mask, track)
+            locator_feature = face_feature(model, face.face_mask, track, face.crop)
             progress("reference", 1, 1)
         # Long audio streams: each chunk of latents is decoded and piped to ffmpeg before
         # the next is denoised, so memory does not grow with the video's length.

@@ -268,9 +268,13 @@ def test_config_validation():
     with pytest.raises(ValueError, match="attention_blocks"):
         UNetConfig(block_out_channels=(32, 64))
     with pytest.raises(ValueError, match="face locator downsamples by 4, the codec by 8"):
-        replace(get_model_spec("lcp-tiny"), face_locator=FaceLocatorConfig(32, 1, (8, 16, 32)))
+        replace(get_model_spec("lcp-tiny"), face_locator=FaceLocatorConfig(32, 4, (8, 16, 32)))
     with pytest.raises(ValueError, match="face locator gives 64 channels"):
-        replace(get_model_spec("lcp-tiny"), face_locator=FaceLocatorConfig(64, 1, (8, 16, 32, 64)))
+        replace(get_model_spec("lcp-tiny"), face_locator=FaceLocatorConfig(64, 4, (8, 16, 32, 64)))
+    with pytest.raises(ValueError, match="face locator reads 1 channels, the spec gives it 4"):
+        replace(get_model_spec("lcp-tiny"), face_locator=FaceLocatorConfig(32, 1, (8, 16, 32, 32)))
+    with pytest.raises(ValueError, match="locator_reference needs mouth_track"):
+        replace(get_model_spec("lcp-tiny"), mouth_track=False)
     with pytest.raises(ValueError, match="latent_channels"):
         replace(get_model_spec("echomimic-v1"), latent_channels=8)
     with pytest.raises(ValueError, match="audio_window_position needs the mel encoder"):

@@ -104,6 +104,42 @@ def test_locator_track_gives_the_features_of_any_frame_range():
         track[::2]
 
 
+def test_locator_masks_add_the_reference_crop_to_every_frame():
+    torch.manual_seed(0)
+    face, mouth = torch.ones(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)
+    gap, reference = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8) * 2 - 1
+    masks = locator_masks(face, mouth, gap, reference)
+    assert masks.shape == (2, 4, 3, 8, 8)
+    assert torch.equal(masks[:, :1], locator_masks(face, mouth, gap))
+    for frame in range(3):
+        assert torch.equal(masks[:, 1:, frame], reference)
+
+
+def test_the_bundled_locator_reads_the_face_crop():
+    from lightningcp_cli.api import face_feature
+    from lightningcp_cli.models.bundle import load_model
+    from lightningcp_cli.stages.motion import MouthTrack
+
+    model = load_model("lcp-tiny")
+    assert model.spec.locator_reference
+    res = model.spec.resolution
+    face_mask = np.zeros((res, res), np.float32)
+    face_mask[16:112, 24:104] = 1
+    mouth_mask = np.zeros_like(face_mask)
+    mouth_mask[80:96, 44:84] = 1
+    track = MouthTrack(mouth_mask, np.array([48, 88, 80, 88, 90], np.float32), np.ones(4))
+    with pytest.raises(ValueError, match="reads the face crop"):
+        face_feature(model, face_mask, track)
+    rng = np.random.default_rng(0)
+    crops = [rng.integers(0, 256, (res, res, 3), dtype=np.uint8) for _ in range(2)]
+    with torch.inference_mode():
+        first, again, other = (
+            face_feature(model, face_mask, track, c)[0:4] for c in crops[:1] * 2 + crops[1:]
+        )
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+
+
 class FrameCheckingDenoiser(LinearDenoiser):
     """Checks that each call's face feature holds the same frames as its audio."""
 

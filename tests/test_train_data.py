@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,8 @@ from lightningcp_cli.train.speech import (
 from .conftest import build_tiny_corpus
 
 DATA = Path(__file__).parent / "data"
-STILL = SynthesisConfig(p_head_motion=0.0, blink_interval=(0.0, 0.0))
+# no head motion, no blinks, every reference at rest
+STILL = SynthesisConfig(p_head_motion=0.0, blink_interval=(0.0, 0.0), p_open_reference=0.0)
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -274,6 +276,34 @@ def test_silent_frames_equal_reference(bank: FaceBank) -> None:
             assert _psnr(s["frames"][f], s["reference"]) > 40
         for f in np.flatnonzero(s["mouth_open"] > 0.5):
             assert _psnr(s["frames"][f], s["reference"]) < 40
+
+
+def test_open_references_change_only_the_lower_face_and_only_in_training(
+    bank: FaceBank,
+) -> None:
+    def datasets(split: str) -> list[TalkingFaceDataset]:
+        corpus = SpeechCorpus([_burst_utterance(split=split)])
+        return [
+            TalkingFaceDataset(
+                corpus, bank, split, length=8, config=replace(STILL, p_open_reference=p)
+            )
+            for p in (0.0, 1.0)
+        ]
+
+    rest, opened = datasets("train")
+    for i in range(8):
+        a, b = rest.sample_arrays(i), opened.sample_arrays(i)
+        assert a["identity"] == b["identity"]
+        assert np.array_equal(a["frames"], b["frames"])  # drawn last: the clip is the same
+        rows = np.flatnonzero(np.any(a["reference"] != b["reference"], axis=(1, 2)))
+        assert len(rows), a["identity"]  # an opening of at least 0.1 always shows
+        mouth_top = np.flatnonzero(a["mouth_mask"].any(1))[0]
+        assert rows[0] >= mouth_top - 8  # eyes and forehead stay as they are
+    rest, opened = datasets("heldout")
+    for i in range(4):  # held-out references stay as the portrait is
+        assert np.array_equal(
+            rest.sample_arrays(i)["reference"], opened.sample_arrays(i)["reference"]
+        )
 
 
 def test_heldout_split_is_disjoint(corpus_dir: Path) -> None:

@@ -89,7 +89,7 @@ class Experiment:
             )
             self.reference = compute_reference(self.model, self.face, None)
             track = mouth_track(self.face, self.audio) if spec.mouth_track else None
-            self.face_feature = face_feature(self.model, self.face.face_mask, track)
+            self.face_feature = face_feature(self.model, self.face.face_mask, track, self.face.crop)
         asked = DenoiseConfig(
             steps=steps,
             guidance=guidance,

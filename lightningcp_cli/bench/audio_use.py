@@ -85,7 +85,7 @@ def audio_use(
         bank = model.reference_net(ref_latents)
         audio = batch["audio"].to(dev, dtype)
         faces = {  # "another clip's speech" swaps the mouth track too, for a model with one
-            own: model.face_locator(locator_input(batch, spec.mouth_track, opening).to(dev, dtype))
+            own: model.face_locator(locator_input(batch, spec, opening).to(dev, dtype))
             for own, opening in ((True, None), (False, batch["mouth_open"].roll(1, 0)))
         }
         keep = torch.ones(len(indices), dtype=torch.bool, device=dev)

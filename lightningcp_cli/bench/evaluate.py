@@ -88,7 +88,7 @@ def generate_clip(
             latents = denoise(
                 model.denoiser,
                 tokens.to(model.device, model.dtype),
-                face_feature(model, face_mask, track),
+                face_feature(model, face_mask, track, reference),
                 bank,
                 cfg,
                 tuple(ref_latents.shape[1:]),

@@ -9,6 +9,10 @@ the data engine's training clips, so the model is trained and run on the same ki
 track.  Why: without it the network ignored the audio at zero SNR and the first steps'
 noise decided how the mouth moved (README model card, "Where the audio acts").
 
+lcp-tiny's locator also reads the reference crop's pixels (``ModelSpec.locator_reference``):
+at zero SNR nothing else tells the denoiser, at the mouth's own position, what the closed
+mouth it must open looks like.
+
 The face locator's output per frame is made per frame range on demand
 (:class:`LocatorTrack`), so a long video does not hold one feature map per frame.
 """
@@ -175,12 +179,22 @@ def mouth_gap(geometry: torch.Tensor, opening: torch.Tensor, resolution: int) ->
 
 
 def locator_masks(
-    face_mask: torch.Tensor, mouth_mask: torch.Tensor, gap: torch.Tensor
+    face_mask: torch.Tensor,
+    mouth_mask: torch.Tensor,
+    gap: torch.Tensor,
+    reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The face locator's input per frame, ``[B, 1, F, H, W]``: the face box 1, the mouth
+    """The face locator's input per frame, ``[B, 1|4, F, H, W]``: the face box 1, the mouth
     box 1 more (a closed mouth is still marked), the open mouth (:func:`mouth_gap`) up to
-    1 more.  ``face_mask``, ``mouth_mask`` ``[B, 1, H, W]`` 0/1, ``gap`` ``[B, F, H, W]``."""
-    return (face_mask + mouth_mask)[:, :, None] + gap[:, None].to(face_mask.dtype)
+    1 more; then, for a model whose locator reads it (``ModelSpec.locator_reference``), the
+    reference crop's RGB in [-1, 1], the same in every frame.  ``face_mask``,
+    ``mouth_mask`` ``[B, 1, H, W]`` 0/1, ``gap`` ``[B, F, H, W]``, ``reference``
+    ``[B, 3, H, W]``."""
+    masks = (face_mask + mouth_mask)[:, :, None] + gap[:, None].to(face_mask.dtype)
+    if reference is None:
+        return masks
+    pixels = reference.to(masks.dtype)[:, :, None].expand(-1, -1, masks.shape[2], -1, -1)
+    return torch.cat([masks, pixels], dim=1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -198,13 +212,15 @@ class MouthTrack:
 class LocatorTrack:
     """The face locator's output for each video frame of a mouth track, made on demand:
     ``track[a:b]`` is ``[1, C0, b - a, h, w]``.  Masks ``[1, 1, H, W]`` on the locator's
-    device and dtype, ``geometry`` ``[1, 5]`` (:func:`mouth_geometry`), ``opening [F]``."""
+    device and dtype, ``geometry`` ``[1, 5]`` (:func:`mouth_geometry`), ``opening [F]``,
+    ``reference`` the crop ``[1, 3, H, W]`` in [-1, 1] if the locator reads it."""
 
     face_locator: nn.Module
     face_mask: torch.Tensor
     mouth_mask: torch.Tensor
     geometry: torch.Tensor
     opening: torch.Tensor
+    reference: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.opening.shape[0])
@@ -214,4 +230,6 @@ class LocatorTrack:
             raise TypeError("LocatorTrack takes a contiguous frame range, e.g. track[a:b]")
         start, stop, _ = frames.indices(len(self))
         gap = mouth_gap(self.geometry, self.opening[start:stop][None], self.face_mask.shape[-1])
-        return self.face_locator(locator_masks(self.face_mask, self.mouth_mask, gap))
+        return self.face_locator(
+            locator_masks(self.face_mask, self.mouth_mask, gap, self.reference)
+        )

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..config import AudioConfig, ProgressFn
+from ..models.registry import ModelSpec
 from ..stages.audio import audio_windows, num_video_frames
 from ..stages.face import _rect_mask, grow_box
 from ..stages.motion import frame_curve, locator_masks, mouth_gap
@@ -93,17 +94,19 @@ def heldout_procedural_seeds(count: int = 64) -> list[int]:
 
 
 def locator_input(
-    batch: dict[str, Any], mouth_track: bool, opening: torch.Tensor | None = None
+    batch: dict[str, Any], spec: ModelSpec, opening: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The face locator's input for a collated batch of clips, ``[B, 1, 1|F, H, W]``: the
-    face mask, with the mouth track drawn in when the model has one (``opening`` ``[B, F]``,
-    by default the clips' own ``mouth_open``)."""
-    if not mouth_track:
+    """The face locator's input for a collated batch of clips as ``spec`` reads it,
+    ``[B, 1|4, 1|F, H, W]``: the face mask, with the mouth track drawn in when the model has
+    one (``opening`` ``[B, F]``, by default the clips' own ``mouth_open``) and the reference
+    crop when its locator reads that."""
+    if not spec.mouth_track:
         return batch["face_mask"][:, :, None]
     opening = batch["mouth_open"] if opening is None else opening
     face = batch["face_mask"]
     gap = mouth_gap(batch["mouth_geometry"], opening, face.shape[-1]).to(face.device)
-    return locator_masks(face, batch["mouth_mask"], gap)
+    reference = batch["reference"] if spec.locator_reference else None
+    return locator_masks(face, batch["mouth_mask"], gap, reference)
 
 
 # --------------------------------------------------------------------------- config
@@ -123,6 +126,11 @@ class SynthesisConfig:
     head_shift: float = 0.5  # head motion: max shift (px), rotation (deg) = this, scale 1%*this
     blink_interval: tuple[float, float] = (2.0, 6.0)  # (0, 0): no blinks
     augment: bool = True  # identity augmentation (train); held-out faces use it too
+    # Train split: the share of clips whose reference shows the mouth in another state
+    # (opened by a draw from ``reference_opening``, corners moved by up to half the
+    # animator's width): a portrait can be taken mid-word or smiling.
+    p_open_reference: float = 0.5
+    reference_opening: tuple[float, float] = (0.1, 0.8)
     mask_dilation: float = 0.1  # face-locator mask: face box grown like the face stage
     mouth_dilation: float = 0.3
     animation: AnimationConfig = field(default_factory=AnimationConfig)
@@ -134,9 +142,12 @@ class SynthesisConfig:
             raise ValueError("fps must be in [1, 120]")
         if self.resolution < 32 or self.resolution % 8:
             raise ValueError("resolution must be a multiple of 8, >= 32")
-        probs = (self.p_procedural, self.p_real_speech, self.p_head_motion)
+        probs = (self.p_procedural, self.p_real_speech, self.p_head_motion, self.p_open_reference)
         if not all(0 <= p <= 1 for p in probs):
             raise ValueError("probabilities must be in [0, 1]")
+        low, high = self.reference_opening
+        if not 0 <= low <= high <= 1.5:
+            raise ValueError("reference_opening must be (low, high) with 0 <= low <= high <= 1.5")
         if self.heldout_procedural < 0 or not 0 <= self.head_shift <= 4:
             raise ValueError("heldout_procedural must be >= 0 and head_shift in [0, 4]")
 
@@ -390,8 +401,15 @@ class TalkingFaceDataset(torch.utils.data.Dataset):
             ident.image, ident.rig, cfg.animation, motion_margin=cfg.head_shift + 2
         )
         frames = animator.render_clip(opening, width, blinks, motion)
+        reference = ident.image
+        if self.split == "train" and rng.random() < cfg.p_open_reference:
+            # EchoMimic and Hallo take the reference from a random frame of the training
+            # video; a rest-pose reference only would leave the network unable to read the
+            # mouth's rest state off a portrait that smiles or speaks (held-out
+            # echomimic_e: README model card).  Drawn last: the clip stays as it was.
+            reference = animator.render(rng.uniform(*cfg.reference_opening), rng.uniform(-0.5, 0.5))
         return {
-            "reference": ident.image,
+            "reference": reference,
             "frames": frames,
             "tokens": self.tokens(u, offset, f),
             "face_mask": self.face_mask(ident),
@@ -428,7 +446,8 @@ class TalkingFaceDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One clip:
 
-        - ``reference`` [3, H, W] float32 in [-1, 1]: the identity (mouth as in its source)
+        - ``reference`` [3, H, W] float32 in [-1, 1]: the identity (mouth as in its source,
+          or in the train split opened by ``p_open_reference``)
         - ``frames`` [F, 3, H, W] float32 in [-1, 1]: the animated clip
         - ``audio`` [F, 10, 80] float32: the audio tokens of these frames
         - ``face_mask``, ``mouth_mask`` [1, H, W] float32 0/1

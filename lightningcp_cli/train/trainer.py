@@ -140,7 +140,7 @@ class Trainer:
         b = frames.shape[0]
         x0, ref_latents = encode_clip(self.codec, frames, ref, spec.latent_origin)
         bank = self.nets["reference_unet"](ref_latents)
-        face = self.nets["face_locator"](locator_input(batch, spec.mouth_track).to(dev))
+        face = self.nets["face_locator"](locator_input(batch, spec).to(dev))
         audio = batch["audio"].to(dev)
 
         keep = torch.rand(b, generator=generator, device="cpu") >= self.config.p_uncond
