@@ -24,14 +24,13 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 import torch
 
 from ..config import AudioConfig, ProgressFn
-from ..models.registry import ModelSpec
 from ..stages.audio import audio_windows, num_video_frames
 from ..stages.face import _rect_mask, grow_box
 from ..stages.motion import frame_curve, locator_masks, mouth_gap
@@ -45,6 +44,9 @@ from .faces import (
     procedural_source,
 )
 from .speech import FEATURE_RATE, SpeechCorpus, Utterance
+
+if TYPE_CHECKING:  # the models pull in diffusers, which a data worker does not need
+    from ..models.registry import ModelSpec
 
 __all__ = [
     "CORPUS_FILES",
