@@ -217,10 +217,10 @@ MODELS: dict[str, ModelSpec] = {
             # noise decided the mouth's motion (README model card, "Where the audio acts").
             mouth_track=True,
             # At zero SNR the noisy input shows nothing of the face, and reference
-            # attention has no notion of position, so without the crop's own pixels under
-            # the mouth the network had to guess what an opening looks like on a face it
-            # never saw (held-out correlation 0.01 at t = 999 against 0.31 on training
-            # faces: README model card).
+            # attention has no notion of position: the crop's own pixels are the only
+            # aligned view of the mouth to open.  Trained together with open references
+            # (SynthesisConfig.p_open_reference); alone it did not lift the zero-SNR probe
+            # on new faces (README model card, "Where the audio acts").
             locator_reference=True,
         ),
     )
