@@ -3,6 +3,7 @@ exported weights load into the renderer's model."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -61,5 +62,9 @@ def test_checkpoint_resume_and_export(corpus, tmp_path):
     assert not model.random_weights
     ema = first.ema["denoising_unet.conv_in.weight"].half().float()
     assert torch.equal(model.denoiser.conv_in.weight, ema)
+    info = json.loads((weights / "train.json").read_text())
+    assert info["recipe"]["steps"] == 2 and info["steps_done"] == 2
+    assert info["synthesis"]["num_frames"] == first.config.num_frames  # the data recipe too
+    assert info["synthesis"]["p_open_reference"] == first.synthesis.p_open_reference
     with pytest.raises(ValueError, match="different recipe"):
         _trainer(corpus, tmp_path, steps=3).resume()

@@ -111,11 +111,11 @@ class Trainer:
         self.opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = make_scheduler(self.spec.prediction_type)
         self.alphas = self.scheduler.alphas_cumprod.to(self.device)
-        synth = SynthesisConfig(num_frames=config.num_frames, fps=self.spec.fps)
+        self.synthesis = SynthesisConfig(num_frames=config.num_frames, fps=self.spec.fps)
         self.data = TalkingFaceDataset.from_folder(
             corpus,
             "train",
-            config=synth,
+            config=self.synthesis,
             seed=config.seed,
             length=config.steps * 1000,
             window_position=self.spec.audio_window_position,
@@ -260,7 +260,7 @@ class Trainer:
 
     def export_weights(self, folder: Path, dtype: torch.dtype = torch.float16) -> list[Path]:
         """EMA weights as ``<name>.safetensors`` (official layout) + ``train.json``."""
-        return export_weights(self.ema, self.config, self.state, folder, dtype)
+        return export_weights(self.ema, self.config, self.state, folder, dtype, self.synthesis)
 
 
 def export_weights(
@@ -269,7 +269,10 @@ def export_weights(
     state: TrainState,
     folder: Path,
     dtype: torch.dtype = torch.float16,
+    synthesis: SynthesisConfig | None = None,
 ) -> list[Path]:
+    """Write the weights and ``train.json``: the recipe, and how its clips were
+    synthesised (the data engine's defaults shape the weights as much as the recipe)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     groups: dict[str, dict[str, torch.Tensor]] = {name: {} for name in WEIGHT_FILES}
@@ -285,6 +288,7 @@ def export_weights(
         paths.append(path)
     info = {
         "recipe": asdict(config),
+        "synthesis": asdict(synthesis) if synthesis is not None else None,
         "steps_done": state.step,
         "train_seconds": round(state.seconds, 1),
         "final_loss": state.losses[-1][1] if state.losses else None,
