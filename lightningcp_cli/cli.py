@@ -609,7 +609,14 @@ def evaluate(
     example: Annotated[
         bool, typer.Option(help="Also score the bundled example portrait and speech.")
     ] = False,
-    clips: Annotated[int, typer.Option(min=1, help="Held-out clips to score.")] = 8,
+    clips: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Held-out clips to score (about 20 s each on a 2-core CPU); the mean is "
+            "printed with its 95 % interval, about +-0.08 on lip sync at 32 clips.",
+        ),
+    ] = 32,
     frames: Annotated[int, typer.Option(min=3, help="Frames per held-out clip.")] = 48,
     model: Model = "lcp-tiny",
     weights: Weights = None,
@@ -693,8 +700,12 @@ def evaluate(
             table.add_column(col, justify="left" if col in ("utterance", "identity") else "right")
         for r in rep["heldout"]["clips"]:
             table.add_row(r["utterance"], r["identity"], *(f"{r[k]:.3f}" for k in keys))
-        mean = rep["heldout"]["mean"]
-        table.add_row("mean", "", *(f"{mean[k]:.3f}" for k in keys), style="bold")
+        held = rep["heldout"]
+        for kind, group in held["by_identity"].items():
+            label = f"mean of {group['clips']}"
+            table.add_row(label, kind, *(f"{group[k]:.3f}" for k in keys), style="dim")
+        table.add_row("mean", "all", *(f"{held['mean'][k]:.3f}" for k in keys), style="bold")
+        table.add_row("± 95 %", "", *(f"{held['ci95'][k]:.3f}" for k in keys))
         out.print(table)
     if rep["audio_use"] is not None:
         table = Table(title="mouth prediction vs truth, temporal R² (audio use)")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lightningcp_cli.bench.audio_use import AudioUseConfig, audio_use
-from lightningcp_cli.bench.evaluate import EvalConfig, heldout_samples
+from lightningcp_cli.bench.evaluate import EvalConfig, _ci95, heldout_samples, identity_kind
 from lightningcp_cli.bench.quality import (
     correlation,
     flicker,
@@ -51,6 +51,15 @@ def test_drift_and_flicker_ignore_the_mouth() -> None:
     assert flicker(shaky, mouth) > 10 and identity_drift(shaky, ref, mouth) < 20
 
 
+def test_confidence_interval_of_the_mean() -> None:
+    """Student's t, 2 degrees of freedom: t = 4.303, sd 0.2, sem 0.2 / sqrt(3)."""
+    rows = [{"lip_sync": v} for v in (0.2, 0.4, 0.6, float("nan"))]  # no score: left out
+    assert _ci95(rows, "lip_sync") == pytest.approx(4.303 * 0.2 / 3**0.5, rel=1e-3)
+    assert np.isnan(_ci95(rows[:1], "lip_sync"))  # one clip has no spread
+    assert identity_kind("procedural-439") == "procedural"
+    assert identity_kind("echomimic_e") == "echomimic_e"
+
+
 @pytest.fixture(scope="module")
 def heldout(corpus_dir: Path) -> dict:
     return heldout_samples(corpus_dir, EvalConfig(clips=1, frames=40, seed=1))[0]
@@ -85,7 +94,7 @@ def test_audio_use_probe_sees_the_audio_at_high_noise(corpus_dir: Path) -> None:
 def test_eval_cli_on_corpus_and_portrait(corpus_dir: Path, tmp_path: Path) -> None:
     res = run_lcp(
         "eval",
-        "--corpus", corpus_dir, "--clips", "1", "--frames", "8",
+        "--corpus", corpus_dir, "--clips", "2", "--frames", "8",
         "--face", FACE, "--audio", SPEECH,
         "--steps", "2", "--videos", tmp_path / "videos", "--audio-use", "--probe-clips", "4",
         "--json", "--quiet",
@@ -93,8 +102,11 @@ def test_eval_cli_on_corpus_and_portrait(corpus_dir: Path, tmp_path: Path) -> No
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     rep = json.loads(res.stdout)
-    (clip,) = rep["heldout"]["clips"]
-    assert 0 < clip["psnr"] < 100 and -1 <= clip["ssim"] <= 1
+    held = rep["heldout"]
+    assert len(held["clips"]) == 2
+    assert all(0 < c["psnr"] < 100 and -1 <= c["ssim"] <= 1 for c in held["clips"])
+    assert held["ci95"]["psnr"] > 0  # two clips: a spread, so an interval
+    assert sum(g["clips"] for g in held["by_identity"].values()) == 2
     probe = rep["audio_use"]
     assert [r["timestep"] for r in probe["rows"]] == [999, 900, 800, 700]
     assert all(r["r2"] <= 1 and r["r2_other_audio"] <= 1 for r in probe["rows"])
