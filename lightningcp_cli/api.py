@@ -251,7 +251,9 @@ def render(
                     latents = next(chunks, None)
                 if latents is None:
                     break
-                crops_iter = decode_frames(model.codec, latents, origin=origin)
+                crops_iter = decode_frames(
+                    model.codec, latents, origin=origin, change_blur=model.spec.change_blur
+                )
                 for crop in timer.timed("decode", crops_iter):
                     with timer("decode"):
                         frame = resize_output(paste_back(crop, face, cfg.face.feather), out_height)

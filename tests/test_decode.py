@@ -314,3 +314,29 @@ def test_decode_adds_the_latent_origin() -> None:
     assert not np.array_equal(relative[0], next(decode_frames(codec, latents)))
     with pytest.raises(ValueError, match="origin"):
         decode_frames(codec, latents, origin=origin[:, :, :2])
+
+
+def test_change_blur_smooths_the_change_not_the_reference() -> None:
+    """``change_blur``: a frame decodes as the reference's image plus its blurred change.
+    No change: the reference's image exactly.  One 8x8 block brightened: the sharp step at
+    the block's edge is spread over neighbouring pixels, the change's total is kept."""
+    from lightningcp_cli.models.codec import DctCodec
+
+    codec = DctCodec(coefficients=16, color="ycbcr")
+    gen = torch.Generator().manual_seed(0)
+    origin = torch.randn(1, codec.channels, 4, 4, generator=gen) * 0.1  # no clipping
+    still = torch.zeros(1, codec.channels, 1, 4, 4)
+    (plain,) = decode_frames(codec, still, origin=origin)
+    (blurred,) = decode_frames(codec, still, origin=origin, change_blur=2.0)
+    assert np.array_equal(plain, blurred)
+
+    block = torch.zeros(1, codec.channels, 1, 4, 4)
+    block[0, 0, 0, 1, 1] = 1.0  # luma DC of one block: a flat brighter square
+    base = plain.astype(np.float64)
+    sharp = next(decode_frames(codec, block, origin=origin)).astype(np.float64) - base
+    soft = next(decode_frames(codec, block, origin=origin, change_blur=2.0)) - base
+    assert sharp[8:16, 8:16].min() > 20 and np.abs(sharp[:8]).max() <= 1  # a hard-edged square
+    assert np.abs(np.diff(soft, axis=1)).max() < 0.5 * np.abs(np.diff(sharp, axis=1)).max()
+    assert abs(soft.sum() - sharp.sum()) < 0.05 * abs(sharp.sum())  # only spread, not lost
+    with pytest.raises(ValueError, match="change blur needs an origin"):
+        decode_frames(codec, block, change_blur=2.0)

@@ -258,6 +258,7 @@ def test_named_specs():
     assert tiny.prediction_type == "sample" and full.prediction_type == "v_prediction"
     assert tiny.audio_window_position > 0 and full.audio_window_position == 0
     assert tiny.face_locator.downsample_factor == tiny.codec_factor
+    assert tiny.change_blur > 0 and full.change_blur == 0  # a VAE decodes no change alone
     with pytest.raises(ConfigError, match="echomimic-v1.*lcp-tiny"):
         get_model_spec("nope")
 
@@ -277,5 +278,9 @@ def test_config_validation():
         replace(get_model_spec("lcp-tiny"), mouth_track=False)
     with pytest.raises(ValueError, match="latent_channels"):
         replace(get_model_spec("echomimic-v1"), latent_channels=8)
+    with pytest.raises(ValueError, match="change_blur needs latents relative to the reference"):
+        replace(get_model_spec("echomimic-v1"), change_blur=1.0)  # a VAE is not linear
+    with pytest.raises(ValueError, match="change_blur must be >= 0"):
+        replace(get_model_spec("lcp-tiny"), change_blur=-1.0)
     with pytest.raises(ValueError, match="audio_window_position needs the mel encoder"):
         replace(get_model_spec("echomimic-v1"), audio_window_position=0.5)

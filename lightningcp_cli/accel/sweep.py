@@ -132,7 +132,8 @@ class Experiment:
         from ..stages.reference import latent_origin
 
         origin = latent_origin(self.model, self.reference)
-        return list(decode_frames(self.model.codec, latents, origin=origin))
+        blur = self.model.spec.change_blur
+        return list(decode_frames(self.model.codec, latents, origin=origin, change_blur=blur))
 
     def fidelity(
         self, ref: list[np.ndarray], test: list[np.ndarray], ref_meshes: list

@@ -122,7 +122,9 @@ def generate_clip(
                 sampler=sampler,
             )
         origin = ref_latents if spec.latent_origin == "reference" else None
-        return list(decode_frames(model.codec, latents, origin=origin))
+        return list(
+            decode_frames(model.codec, latents, origin=origin, change_blur=spec.change_blur)
+        )
 
 
 def heldout_samples(

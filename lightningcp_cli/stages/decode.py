@@ -125,13 +125,17 @@ def decode_frames(
     latents: torch.Tensor,
     batch: int = 1,
     origin: torch.Tensor | None = None,
+    change_blur: float = 0.0,
 ) -> Iterator[np.ndarray]:
     """Yield the decoded crop frames (HxWx3 uint8) of ``latents [1, C, F, h, w]`` in order.
 
     ``origin`` (``[1, C, h, w]``, see :func:`~.reference.latent_origin`) is added to every
-    frame's latent before decoding.  Lazy: ``batch`` frames are decoded per codec call,
-    only when the consumer asks for them, so peak memory is one batch of frames whatever
-    the video length.
+    frame's latent before decoding.  ``change_blur > 0`` (``ModelSpec.change_blur``, needs
+    an origin and a linear codec): each frame is decoded as the origin's image plus its
+    own change from it, Gaussian-blurred with this sigma (pixels), so the model's block
+    errors are smoothed while the reference keeps its detail.  Lazy: ``batch`` frames
+    are decoded per codec call, only when the consumer asks for them, so peak memory is
+    one batch of frames whatever the video length.
     """
     if latents.ndim != 5 or latents.shape[0] != 1:
         raise ValueError(f"expected latents [1, C, F, h, w], got {tuple(latents.shape)}")
@@ -139,20 +143,40 @@ def decode_frames(
         raise ValueError(f"decode batch must be >= 1, not {batch}")
     if origin is not None and tuple(origin.shape) != (1, *latents.shape[1:2], *latents.shape[3:]):
         raise ValueError(f"latent origin {tuple(origin.shape)} does not fit {tuple(latents.shape)}")
-    return _decode_iter(codec, latents, batch, origin)  # checks above run now, decoding later
+    if change_blur < 0 or (change_blur > 0 and origin is None):
+        raise ValueError(f"change blur needs an origin and sigma >= 0, got {change_blur}")
+    return _decode_iter(codec, latents, batch, origin, change_blur)  # checks ran, decode later
 
 
 def _decode_iter(
-    codec: LatentCodec, latents: torch.Tensor, batch: int, origin: torch.Tensor | None
+    codec: LatentCodec,
+    latents: torch.Tensor,
+    batch: int,
+    origin: torch.Tensor | None,
+    change_blur: float,
 ) -> Iterator[np.ndarray]:
     num_frames = latents.shape[2]
+    base = None
+    if origin is not None and change_blur > 0:
+        with torch.inference_mode():
+            base = _to_hwc(codec.decode(origin.to(latents.device, latents.dtype)))[0]
     for start in range(0, num_frames, batch):
         chunk = latents[0, :, start : start + batch].permute(1, 0, 2, 3)
-        if origin is not None:
+        if origin is not None and base is None:
             chunk = chunk + origin.to(chunk.device, chunk.dtype)
         with torch.inference_mode():
             images = codec.decode(chunk)
-        yield from tensor_to_images(images)
+        if base is None:
+            yield from tensor_to_images(images)
+            continue
+        for change in _to_hwc(images):
+            frame = base + cv2.GaussianBlur(change, (0, 0), change_blur)
+            yield np.clip((frame + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _to_hwc(images: torch.Tensor) -> np.ndarray:
+    """``[N, 3, H, W]`` -> NxHxWx3 float32 on the CPU, values as they are."""
+    return images.detach().float().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def render_frames(
@@ -164,6 +188,7 @@ def render_frames(
     *,
     batch: int = 1,
     origin: torch.Tensor | None = None,
+    change_blur: float = 0.0,
 ) -> Iterator[np.ndarray]:
     """Full-size output frames ready for the video writer: decode, paste back, resize.
 
@@ -171,7 +196,7 @@ def render_frames(
     ``ValueError`` when the decoded frames do not match the analysis' crop resolution.
     """
     res = analysis.resolution
-    frames = decode_frames(codec, latents, batch=batch, origin=origin)
+    frames = decode_frames(codec, latents, batch=batch, origin=origin, change_blur=change_blur)
     h, w = latents.shape[-2] * codec.factor, latents.shape[-1] * codec.factor
     if (h, w) != (res, res):
         raise ValueError(f"latents decode to {w}x{h} frames, the face crop is {res}x{res}")
