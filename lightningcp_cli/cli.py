@@ -614,7 +614,7 @@ def evaluate(
         typer.Option(
             min=1,
             help="Held-out clips to score (about 20 s each on a 2-core CPU); the mean is "
-            "printed with its 95 % interval, about +-0.08 on lip sync at 32 clips.",
+            "printed with its 95 % interval (lip sync: about +-0.07 at 32 clips).",
         ),
     ] = 32,
     frames: Annotated[int, typer.Option(min=3, help="Frames per held-out clip.")] = 48,

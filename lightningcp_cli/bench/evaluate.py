@@ -44,8 +44,9 @@ from .quality import (
 class EvalConfig:
     """Settings of one evaluation; the sampler defaults are the model's (25 steps, CFG)."""
 
-    # Held-out corpus clips.  Per-clip lip sync spreads widely: on the shipped weights the
-    # first 8 clips scored 0.36 and 32 clips 0.57 +- 0.08 (95 %), so the default is 32.
+    # Held-out corpus clips.  Per-clip lip sync spreads widely: on the shipped weights
+    # (before the change blur) the first 8 clips scored 0.36 and all 32 0.57 +- 0.08
+    # (95 %), so the default is 32.
     clips: int = 32
     frames: int = 48  # frames per clip (2 s at 24 fps)
     seed: int = 0  # which held-out clips (and their faces) are drawn
