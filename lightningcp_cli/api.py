@@ -32,12 +32,12 @@ from .models.bundle import TalkingHeadModel, load_model
 from .models.codec import image_to_tensor
 from .models.registry import MODELS, ModelSpec, get_model_spec
 from .stages.audio import AudioFeatures, load_audio, num_video_frames, prepare_audio
-from .stages.decode import decode_frames, paste_back, resize_output
+from .stages.decode import model_frames, paste_back, resize_output
 from .stages.denoise import denoise_stream
 from .stages.face import FaceAnalysis, analyze_face, load_image
 from .stages.motion import LocatorTrack, MouthTrack
 from .stages.mux import VideoWriter, check_output_path
-from .stages.reference import compute_reference, latent_origin
+from .stages.reference import compute_reference
 
 __all__ = [
     "RenderRequest",
@@ -227,7 +227,6 @@ def render(
         n = audio.num_frames
         frames: list[np.ndarray] | None = [] if keep_frames else None
         crops: list[np.ndarray] | None = [] if keep_frames else None
-        origin = latent_origin(model, ref)
         with (
             build_sampler(cfg.accel, model, face, cfg.accel_config) as sampler,
             ExitStack() as stack,
@@ -251,9 +250,7 @@ def render(
                     latents = next(chunks, None)
                 if latents is None:
                     break
-                crops_iter = decode_frames(
-                    model.codec, latents, origin=origin, change_blur=model.spec.change_blur
-                )
+                crops_iter = model_frames(model, latents, ref.latents)
                 for crop in timer.timed("decode", crops_iter):
                     with timer("decode"):
                         frame = resize_output(paste_back(crop, face, cfg.face.feather), out_height)

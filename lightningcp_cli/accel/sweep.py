@@ -128,12 +128,9 @@ class Experiment:
             return latents, time.perf_counter() - t0
 
     def frames(self, latents: torch.Tensor) -> list[np.ndarray]:
-        from ..stages.decode import decode_frames
-        from ..stages.reference import latent_origin
+        from ..stages.decode import model_frames
 
-        origin = latent_origin(self.model, self.reference)
-        blur = self.model.spec.change_blur
-        return list(decode_frames(self.model.codec, latents, origin=origin, change_blur=blur))
+        return list(model_frames(self.model, latents, self.reference.latents))
 
     def fidelity(
         self, ref: list[np.ndarray], test: list[np.ndarray], ref_meshes: list

@@ -102,7 +102,7 @@ def generate_clip(
     are already crops and tokens."""
     from ..accel import build_sampler
     from ..api import face_feature, resolve_denoise
-    from ..stages.decode import decode_frames
+    from ..stages.decode import model_frames
     from ..stages.denoise import denoise
 
     spec = model.spec
@@ -122,10 +122,7 @@ def generate_clip(
                 device=model.device,
                 sampler=sampler,
             )
-        origin = ref_latents if spec.latent_origin == "reference" else None
-        return list(
-            decode_frames(model.codec, latents, origin=origin, change_blur=spec.change_blur)
-        )
+        return list(model_frames(model, latents, ref_latents))
 
 
 def heldout_samples(

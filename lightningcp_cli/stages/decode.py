@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -18,6 +19,9 @@ import torch
 
 from ..models.codec import LatentCodec, tensor_to_images
 from .face import FaceAnalysis
+
+if TYPE_CHECKING:
+    from ..models.bundle import TalkingHeadModel
 
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
@@ -166,17 +170,25 @@ def _decode_iter(
             chunk = chunk + origin.to(chunk.device, chunk.dtype)
         with torch.inference_mode():
             images = codec.decode(chunk)
-        if base is None:
-            yield from tensor_to_images(images)
-            continue
-        for change in _to_hwc(images):
-            frame = base + cv2.GaussianBlur(change, (0, 0), change_blur)
-            yield np.clip((frame + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+        if base is not None:
+            frames = [base + cv2.GaussianBlur(c, (0, 0), change_blur) for c in _to_hwc(images)]
+            images = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
+        yield from tensor_to_images(images)
 
 
 def _to_hwc(images: torch.Tensor) -> np.ndarray:
     """``[N, 3, H, W]`` -> NxHxWx3 float32 on the CPU, values as they are."""
     return images.detach().float().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def model_frames(
+    model: TalkingHeadModel, latents: torch.Tensor, reference_latents: torch.Tensor
+) -> Iterator[np.ndarray]:
+    """:func:`decode_frames` as ``model``'s spec asks: relative to the encoded reference
+    crop ``[1, C, h, w]`` when ``latent_origin`` is ``reference``, with its ``change_blur``."""
+    spec = model.spec
+    origin = reference_latents if spec.latent_origin == "reference" else None
+    return decode_frames(model.codec, latents, origin=origin, change_blur=spec.change_blur)
 
 
 def render_frames(

@@ -53,9 +53,3 @@ def compute_reference(
     if cache is not None:
         cache.save(CACHE_KIND, key, {**bank, "__latents__": latents}, model=model.spec.name)
     return Reference(dict(bank), latents, cache_hit=False)
-
-
-def latent_origin(model: TalkingHeadModel, reference: Reference) -> torch.Tensor | None:
-    """What the denoiser's latents are relative to (``ModelSpec.latent_origin``): the
-    encoded reference crop ``[1, C, h, w]``, or None for plain codec latents."""
-    return reference.latents if model.spec.latent_origin == "reference" else None
