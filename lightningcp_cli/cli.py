@@ -618,6 +618,13 @@ def evaluate(
         ),
     ] = 32,
     frames: Annotated[int, typer.Option(min=3, help="Frames per held-out clip.")] = 48,
+    clip_seed: Annotated[
+        int,
+        typer.Option(
+            help="Which held-out clips are drawn (not the sampler's seed): another value "
+            "scores a fresh set, e.g. to check a setting chosen on the default set."
+        ),
+    ] = 0,
     model: Model = "lcp-tiny",
     weights: Weights = None,
     steps: Steps = None,
@@ -673,7 +680,7 @@ def evaluate(
                 raise ConfigError("--audio-use probes corpus clips: give --corpus DIR")
             probe = AudioUseConfig() if probe_clips is None else AudioUseConfig(clips=probe_clips)
         cfg = with_sampler(
-            EvalConfig(clips=clips, frames=frames, accel=accel, audio_use=probe),
+            EvalConfig(clips=clips, frames=frames, seed=clip_seed, accel=accel, audio_use=probe),
             steps,
             guidance,
             eps_scaling,

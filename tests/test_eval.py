@@ -94,7 +94,7 @@ def test_audio_use_probe_sees_the_audio_at_high_noise(corpus_dir: Path) -> None:
 def test_eval_cli_on_corpus_and_portrait(corpus_dir: Path, tmp_path: Path) -> None:
     res = run_lcp(
         "eval",
-        "--corpus", corpus_dir, "--clips", "2", "--frames", "8",
+        "--corpus", corpus_dir, "--clips", "2", "--frames", "8", "--clip-seed", "5",
         "--face", FACE, "--audio", SPEECH,
         "--steps", "2", "--videos", tmp_path / "videos", "--audio-use", "--probe-clips", "4",
         "--json", "--quiet",
@@ -103,7 +103,11 @@ def test_eval_cli_on_corpus_and_portrait(corpus_dir: Path, tmp_path: Path) -> No
     assert res.returncode == 0, res.stderr
     rep = json.loads(res.stdout)
     held = rep["heldout"]
-    assert len(held["clips"]) == 2
+    assert len(held["clips"]) == 2 and rep["config"]["seed"] == 5
+    drawn = heldout_samples(corpus_dir, EvalConfig(clips=2, frames=8, seed=5))
+    assert [(c["utterance"], c["offset"]) for c in held["clips"]] == [
+        (s["utterance"], s["offset"]) for s in drawn
+    ]
     assert all(0 < c["psnr"] < 100 and -1 <= c["ssim"] <= 1 for c in held["clips"])
     assert held["ci95"]["psnr"] > 0  # two clips: a spread, so an interval
     assert sum(g["clips"] for g in held["by_identity"].values()) == 2
