@@ -133,7 +133,7 @@ def decode_frames(
 ) -> Iterator[np.ndarray]:
     """Yield the decoded crop frames (HxWx3 uint8) of ``latents [1, C, F, h, w]`` in order.
 
-    ``origin`` (``[1, C, h, w]``, see :func:`~.reference.latent_origin`) is added to every
+    ``origin`` (``[1, C, h, w]``; :func:`model_frames` passes a model's) is added to every
     frame's latent before decoding.  ``change_blur > 0`` (``ModelSpec.change_blur``, needs
     an origin and a linear codec): each frame is decoded as the origin's image plus its
     own change from it, Gaussian-blurred with this sigma (pixels), so the model's block
@@ -200,7 +200,6 @@ def render_frames(
     *,
     batch: int = 1,
     origin: torch.Tensor | None = None,
-    change_blur: float = 0.0,
 ) -> Iterator[np.ndarray]:
     """Full-size output frames ready for the video writer: decode, paste back, resize.
 
@@ -208,7 +207,7 @@ def render_frames(
     ``ValueError`` when the decoded frames do not match the analysis' crop resolution.
     """
     res = analysis.resolution
-    frames = decode_frames(codec, latents, batch=batch, origin=origin, change_blur=change_blur)
+    frames = decode_frames(codec, latents, batch=batch, origin=origin)
     h, w = latents.shape[-2] * codec.factor, latents.shape[-1] * codec.factor
     if (h, w) != (res, res):
         raise ValueError(f"latents decode to {w}x{h} frames, the face crop is {res}x{res}")
