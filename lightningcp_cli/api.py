@@ -32,7 +32,7 @@ from .models.bundle import TalkingHeadModel, load_model
 from .models.codec import image_to_tensor
 from .models.registry import MODELS, ModelSpec, get_model_spec
 from .stages.audio import AudioFeatures, load_audio, num_video_frames, prepare_audio
-from .stages.decode import model_frames, paste_back, resize_output
+from .stages.decode import model_frames, output_frame
 from .stages.denoise import denoise_stream
 from .stages.face import FaceAnalysis, analyze_face, load_image
 from .stages.motion import LocatorTrack, MouthTrack
@@ -253,7 +253,7 @@ def render(
                 crops_iter = model_frames(model, latents, ref.latents)
                 for crop in timer.timed("decode", crops_iter):
                     with timer("decode"):
-                        frame = resize_output(paste_back(crop, face, cfg.face.feather), out_height)
+                        frame = output_frame(crop, face, cfg.face.feather, out_height)
                     with timer("mux"):
                         if writer is None:  # the frame size is known once the first frame is
                             writer = stack.enter_context(

@@ -21,8 +21,8 @@ from lightningcp_cli.models.codec import (
 from lightningcp_cli.stages.decode import (
     decode_frames,
     feather_mask,
+    output_frame,
     paste_back,
-    render_frames,
     resize_output,
 )
 from lightningcp_cli.stages.face import FaceAnalysis, analyze_face, build_analysis, load_image
@@ -260,18 +260,21 @@ def test_decode_frames_checks_shapes_eagerly() -> None:
         decode_frames(PixelCodec(), torch.zeros(1, 48, 2, 4, 4), batch=0)
 
 
-def test_render_frames_identity(portrait: FaceAnalysis) -> None:
+def test_decoded_crops_become_the_portrait(portrait: FaceAnalysis) -> None:
+    """Decode then :func:`output_frame` (the render's last two steps) on the portrait's
+    own crop gives the portrait back, at even size or the height asked for."""
     codec = PixelCodec(factor=8)
     latents = _latents_of(np.stack([portrait.crop] * 3), codec)
-    frames = list(render_frames(codec, latents, portrait, 0.08))
+    crops = list(decode_frames(codec, latents))
+    frames = [output_frame(c, portrait, 0.08) for c in crops]
     assert len(frames) == 3
     h, w = portrait.image.shape[:2]
     assert frames[0].shape == (h - h % 2, w - w % 2, 3)
     assert _psnr(frames[0], portrait.image[: h - h % 2, : w - w % 2]) > 38
-    small = list(render_frames(codec, latents, portrait, 0.08, out_height=200))
+    small = [output_frame(c, portrait, 0.08, out_height=200) for c in crops]
     assert [f.shape for f in small] == [(200, 202, 3)] * 3
-    with pytest.raises(ValueError, match="face crop is 512x512"):
-        render_frames(codec, latents[..., :32, :32], portrait)
+    with pytest.raises(ValueError):
+        output_frame(crops[0][:256, :256], portrait)
 
 
 @pytest.mark.parametrize(("color", "channels"), [("rgb", 48), ("ycbcr", 32)])

@@ -191,26 +191,10 @@ def model_frames(
     return decode_frames(model.codec, latents, origin=origin, change_blur=spec.change_blur)
 
 
-def render_frames(
-    codec: LatentCodec,
-    latents: torch.Tensor,
-    analysis: FaceAnalysis,
-    feather: float = 0.08,
-    out_height: int | None = None,
-    *,
-    batch: int = 1,
-    origin: torch.Tensor | None = None,
-) -> Iterator[np.ndarray]:
-    """Full-size output frames ready for the video writer: decode, paste back, resize.
-
-    Frames have even width and height (see :func:`resize_output`).  Raises
-    ``ValueError`` when the decoded frames do not match the analysis' crop resolution.
-    """
-    res = analysis.resolution
-    frames = decode_frames(codec, latents, batch=batch, origin=origin)
-    h, w = latents.shape[-2] * codec.factor, latents.shape[-1] * codec.factor
-    if (h, w) != (res, res):
-        raise ValueError(f"latents decode to {w}x{h} frames, the face crop is {res}x{res}")
-    if out_height is not None and out_height < 2:
-        raise ValueError(f"output height must be >= 2, not {out_height}")
-    return (resize_output(paste_back(crop, analysis, feather), out_height) for crop in frames)
+def output_frame(
+    crop: np.ndarray, analysis: FaceAnalysis, feather: float = 0.08, out_height: int | None = None
+) -> np.ndarray:
+    """One full-size output frame ready for the video writer: the decoded crop pasted back
+    into the portrait (:func:`paste_back`), then sized (:func:`resize_output`: even width
+    and height, ``out_height`` when given)."""
+    return resize_output(paste_back(crop, analysis, feather), out_height)
