@@ -27,9 +27,9 @@ from .accel import build_sampler
 from .bench.memory import PeakMemory
 from .cache import FeatureCache
 from .config import DenoiseConfig, ProgressFn, RenderConfig
-from .errors import InputNotFoundError, OutputError
+from .errors import ConfigError, InputNotFoundError, OutputError
 from .models.bundle import TalkingHeadModel, load_model
-from .models.codec import image_to_tensor
+from .models.codec import YCBCR_LUMA_CHANNELS, image_to_tensor
 from .models.registry import MODELS, ModelSpec, get_model_spec
 from .stages.audio import AudioFeatures, load_audio, num_video_frames, prepare_audio
 from .stages.decode import model_frames, output_frame
@@ -119,10 +119,18 @@ class StageTimer:
 def resolve_denoise(cfg: RenderConfig, spec: ModelSpec) -> DenoiseConfig:
     """The sampler settings with the model's defaults filled in."""
     d = cfg.denoise
+    chroma = d.chroma_guidance if d.chroma_guidance is not None else spec.chroma_guidance
+    if chroma is not None and spec.codec != "dct-ycbcr":
+        raise ConfigError(
+            f"chroma guidance needs a model with YCbCr latents (lcp-tiny); {spec.name} "
+            f"uses the {spec.codec} codec"
+        )
     return replace(
         d,
         steps=d.steps if d.steps is not None else spec.steps,
         guidance=d.guidance if d.guidance is not None else spec.guidance,
+        chroma_guidance=chroma,
+        chroma_channel=YCBCR_LUMA_CHANNELS if chroma is not None else None,
         bank_dtype=d.bank_dtype if d.bank_dtype is not None else spec.bank_dtype,
         prediction_type=d.prediction_type or spec.prediction_type,
         epsilon_scaling=(
@@ -192,6 +200,7 @@ def render(
     require_file(face_path, "face image")
     require_file(audio_path, "audio")
     spec = model.spec if model is not None else get_model_spec(cfg.model)
+    sampler_cfg = resolve_denoise(cfg, spec)  # before any work: a bad option fails fast
     fps = cfg.output.fps or spec.fps
     out_height = cfg.output.size
 
@@ -236,7 +245,7 @@ def render(
                 audio.windows,  # windows made per chunk: memory does not grow with length
                 locator_feature,
                 ref.bank,
-                resolve_denoise(cfg, spec),
+                sampler_cfg,
                 latent_shape=tuple(ref.latents.shape[1:]),
                 on_progress=progress,
                 dtype=model.dtype,
@@ -288,6 +297,7 @@ def render(
             "fps": fps,
             "num_frames": n,
             "config": cfg.to_dict(),
+            "sampler": asdict(sampler_cfg),  # the config's sampler, model defaults filled in
         },
     )
     return RenderResult(
@@ -370,6 +380,7 @@ def info() -> dict[str, Any]:
                 "fps": spec.fps,
                 "steps": spec.steps,
                 "guidance": spec.guidance,
+                "chroma_guidance": spec.chroma_guidance,
                 "bundled_weights": bundled_weights_dir(spec) is not None,
             }
             for name, spec in MODELS.items()

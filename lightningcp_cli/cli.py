@@ -190,6 +190,15 @@ EpsScaling = Annotated[
         "1 + K*t/1000 (default: the model's; lcp-tiny 0.1, EchoMimic 0 = plain DDIM).",
     ),
 ]
+ChromaGuidance = Annotated[
+    float | None,
+    typer.Option(
+        "--chroma-cfg",
+        min=0.0,
+        help="Guidance scale of the latent's colour channels (YCbCr latents only; default: "
+        "the model's, lcp-tiny 3.0; others use --cfg for every channel).",
+    ),
+]
 Fps = Annotated[int | None, typer.Option(min=1, max=120, help="Video frame rate.")]
 Seed = Annotated[int, typer.Option(help="Random seed: same seed, same video.")]
 Size = Annotated[
@@ -295,6 +304,7 @@ def _render_config(
     accel_config: AccelConfig | None = None,
     offload: bool = False,
     epsilon_scaling: float | None = None,
+    chroma_guidance: float | None = None,
 ) -> RenderConfig:
     return RenderConfig(
         model=model,
@@ -306,7 +316,11 @@ def _render_config(
         accel_config=accel_config or AccelConfig(),
         use_cache=use_cache,
         denoise=DenoiseConfig(
-            steps=steps, guidance=guidance, seed=seed, epsilon_scaling=epsilon_scaling
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            epsilon_scaling=epsilon_scaling,
+            chroma_guidance=chroma_guidance,
         ),
         output=OutputConfig(fps=fps, size=size, overwrite=overwrite),
     )
@@ -325,6 +339,7 @@ def render(
     steps: Steps = None,
     guidance: Guidance = None,
     eps_scaling: EpsScaling = None,
+    chroma_cfg: ChromaGuidance = None,
     fps: Fps = None,
     seed: Seed = 420,
     size: Size = None,
@@ -346,9 +361,9 @@ def render(
 ) -> None:
     """Render FACE speaking AUDIO into an MP4 (H.264 + AAC).
 
-    The resolved settings are saved next to the video as OUTPUT.json.  The output is
-    written to a temporary file and renamed at the end: an error or Ctrl-C never
-    leaves a partial file.
+    The settings, and the sampler's with the model's defaults filled in, are saved next
+    to the video as OUTPUT.json.  The output is written to a temporary file and renamed
+    at the end: an error or Ctrl-C never leaves a partial file.
     """
     from . import api  # heavy (torch, diffusers): imported only when a command runs
 
@@ -369,6 +384,7 @@ def render(
             _accel_config(key_interval, key_steps, estimate, dfa_dilate, batch_limit),
             offload,
             eps_scaling,
+            chroma_cfg,
         )
         with _progress(quiet) as on_progress:
             result = api.render(
@@ -404,6 +420,7 @@ def bench(
     steps: Steps = None,
     guidance: Guidance = None,
     eps_scaling: EpsScaling = None,
+    chroma_cfg: ChromaGuidance = None,
     fps: Fps = None,
     seed: Seed = 420,
     device: Device = "cpu",
@@ -445,6 +462,7 @@ def bench(
             accel_config=_accel_config(key_interval, key_steps, estimate, dfa_dilate, batch_limit),
             offload=offload,
             epsilon_scaling=eps_scaling,
+            chroma_guidance=chroma_cfg,
         )  # fmt: skip
         req = BenchRequest(face or ex_face, audio or ex_audio, tuple(methods or ACCEL_METHODS), cfg)
         with _progress(quiet) as on_progress:
@@ -482,6 +500,7 @@ def profile(
     steps: Steps = None,
     guidance: Guidance = None,
     eps_scaling: EpsScaling = None,
+    chroma_cfg: ChromaGuidance = None,
     fps: Fps = None,
     seed: Seed = 420,
     device: Device = "cpu",
@@ -507,6 +526,7 @@ def profile(
             accel_config=_accel_config(key_interval, key_steps, estimate, dfa_dilate, batch_limit),
             offload=offload,
             epsilon_scaling=eps_scaling,
+            chroma_guidance=chroma_cfg,
         )  # fmt: skip
         with api.output_or_temp(output) as out_path, _progress(quiet) as on_progress:
             rep = run_profile(
@@ -630,6 +650,7 @@ def evaluate(
     steps: Steps = None,
     guidance: Guidance = None,
     eps_scaling: EpsScaling = None,
+    chroma_cfg: ChromaGuidance = None,
     accel: Annotated[str, typer.Option(help="Acceleration to score (default: none).")] = "none",
     device: Device = "cpu",
     dtype: Dtype = None,
@@ -684,6 +705,7 @@ def evaluate(
             steps,
             guidance,
             eps_scaling,
+            chroma_cfg,
         )
         with _progress(quiet) as on_progress:
             rep = api.evaluate(
@@ -799,7 +821,8 @@ def info(as_json: AsJson = False) -> None:
             str(m["resolution"]),
             str(m["fps"]),
             str(m["steps"]),
-            str(m["guidance"]),
+            str(m["guidance"])
+            + (f" (colour {m['chroma_guidance']})" if m["chroma_guidance"] is not None else ""),
             "yes" if m["bundled_weights"] else "no",
             m["description"],
         )
@@ -852,6 +875,7 @@ def batch(
     steps: Steps = None,
     guidance: Guidance = None,
     eps_scaling: EpsScaling = None,
+    chroma_cfg: ChromaGuidance = None,
     fps: Fps = None,
     seed: Seed = 420,
     size: Size = None,
@@ -913,6 +937,7 @@ def batch(
             accel_config=_accel_config(key_interval, key_steps, estimate, dfa_dilate, batch_limit),
             offload=offload,
             epsilon_scaling=eps_scaling,
+            chroma_guidance=chroma_cfg,
         )  # fmt: skip
 
         def failed_now(result: Any) -> None:

@@ -78,6 +78,12 @@ class DenoiseConfig:
 
     steps: int | None = None
     guidance: float | None = None  # classifier-free guidance scale; <= 1 disables CFG
+    # The same for the latent's colour channels (YCbCr DCT codec only); None = the model's
+    # (lcp-tiny 3.0; models without one use ``guidance`` for every channel).
+    chroma_guidance: float | None = None
+    # First latent channel that carries colour, resolved from the model's codec
+    # (``api.resolve_denoise``); channels from it on take ``chroma_guidance``.
+    chroma_channel: int | None = None
     context_frames: int = 12  # sliding window length (frames)
     context_overlap: int = 3
     seed: int = 420
@@ -99,6 +105,10 @@ class DenoiseConfig:
             "chunk overlap must be in [1, chunk frames)",
         )
         _check(self.guidance is None or self.guidance >= 0, "guidance must be >= 0")
+        _check(
+            self.chroma_guidance is None or self.chroma_guidance >= 0,
+            "chroma guidance must be >= 0",
+        )
         _check(self.context_frames >= 1, "context frames must be >= 1")
         _check(
             0 <= self.context_overlap < self.context_frames,

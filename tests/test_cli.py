@@ -8,6 +8,7 @@ import math
 import pytest
 
 from lightningcp_cli.media import count_frames, probe
+from lightningcp_cli.models.registry import get_model_spec
 
 from .cli_util import FACE, FAST, SPEECH, run_lcp
 
@@ -44,6 +45,13 @@ def test_render_json_and_sidecar(rendered):
     sidecar = json.loads(out.with_name("out.mp4.json").read_text())
     assert sidecar["config"]["denoise"]["steps"] == 2
     assert sidecar["fps"] == 6
+    spec = get_model_spec("lcp-tiny")  # the sampler as run: the model's defaults filled in
+    sampler = sidecar["sampler"]
+    assert sampler["steps"] == 2 and sidecar["config"]["denoise"]["guidance"] is None
+    assert (sampler["guidance"], sampler["chroma_guidance"]) == (
+        spec.guidance,
+        spec.chroma_guidance,
+    )
 
 
 def test_second_render_hits_the_reference_cache(rendered):
@@ -151,10 +159,12 @@ def test_sampler_and_acceleration_knobs_reach_the_render(tmp_path):
     out = tmp_path / "fast.mp4"
     args = ["render", FACE, SPEECH, "-o", out, *FAST, "--accel", "lightningcp+dfa"]
     knobs = ["--key-steps", "0,1,3", "--no-estimate", "--dfa-dilate", "0.25"]
-    proc = run_lcp(*args, *knobs, "--eps-scaling", "0.05", cache_dir=tmp_path)
+    sampler_knobs = ["--eps-scaling", "0.05", "--chroma-cfg", "2.5"]
+    proc = run_lcp(*args, *knobs, *sampler_knobs, cache_dir=tmp_path)
     assert proc.returncode == 0, proc.stderr
     config = json.loads(out.with_name("fast.mp4.json").read_text())["config"]
     assert config["denoise"]["epsilon_scaling"] == 0.05
+    assert config["denoise"]["chroma_guidance"] == 2.5
     accel = config["accel_config"]
     assert accel["lightningcp"]["schedule"] == "list"
     assert accel["lightningcp"]["key_steps"] == [0, 1, 3]
@@ -163,3 +173,9 @@ def test_sampler_and_acceleration_knobs_reach_the_render(tmp_path):
     bad = run_lcp(*args, "--overwrite", "--key-steps", "0,two", cache_dir=tmp_path)
     assert bad.returncode == 16 and "--key-steps" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+    # EchoMimic's VAE latents have no colour channels: refused before any work
+    vae = run_lcp(
+        *args, "--overwrite", "-m", "echomimic-v1", "--chroma-cfg", "2", cache_dir=tmp_path
+    )
+    assert vae.returncode == 16 and "chroma guidance" in vae.stderr
+    assert len(vae.stderr.strip().splitlines()) == 1

@@ -16,6 +16,7 @@ import torch
 from lightningcp_cli.api import resolve_denoise
 from lightningcp_cli.config import DenoiseConfig, RenderConfig
 from lightningcp_cli.errors import LcpError, NonFiniteError
+from lightningcp_cli.models.codec import YCBCR_LUMA_CHANNELS
 from lightningcp_cli.models.registry import get_model_spec
 from lightningcp_cli.stages.denoise import (
     EpsilonScaledDDIMScheduler,
@@ -243,6 +244,44 @@ def test_loop_without_cfg_runs_one_conditional_row():
 
 def test_loop_is_deterministic():
     assert torch.equal(_run(LinearDenoiser()), _run(LinearDenoiser()))
+
+
+def test_chroma_guidance_scales_only_the_colour_channels():
+    """The stand-in treats channels independently, so with colour guidance from channel 3
+    on, channels 0-2 are the run at ``guidance`` and channel 3 the run at the colour scale."""
+    audio = torch.linspace(-1, 1, 16 * 6 * 5).reshape(16, 6, 5)
+    face = torch.ones(1, 3, 1, 4, 6)
+
+    def run(model=None, **guidance) -> torch.Tensor:
+        cfg = DenoiseConfig(steps=3, context_frames=12, context_overlap=3, **guidance)
+        return denoise(model or LinearDenoiser(), audio, face, None, cfg, (4, 4, 6))
+
+    at2, at3 = run(guidance=2.0), run(guidance=3.0)
+    mixed = run(guidance=2.0, chroma_guidance=3.0, chroma_channel=3)
+    assert not torch.allclose(at2, at3)
+    assert torch.equal(mixed[:, :3], at2[:, :3]) and torch.equal(mixed[:, 3:], at3[:, 3:])
+    model = LinearDenoiser()  # guidance 1 with colour guidance still runs the CFG rows
+    run(model, guidance=1.0, chroma_guidance=3.0, chroma_channel=3)
+    assert {c["batch"] for c in model.calls} == {2}
+    with pytest.raises(ValueError, match="colour channel"):
+        run(guidance=2.0, chroma_guidance=3.0)  # unresolved: which channels are colour?
+    with pytest.raises(LcpError, match="chroma guidance"):
+        DenoiseConfig(chroma_guidance=-1.0)
+
+
+def test_chroma_guidance_defaults_to_the_models():
+    def resolved(model: str, **denoise) -> DenoiseConfig:
+        cfg = RenderConfig(model=model, denoise=DenoiseConfig(**denoise))
+        return resolve_denoise(cfg, get_model_spec(model))
+
+    tiny = resolved("lcp-tiny")
+    assert tiny.chroma_guidance == get_model_spec("lcp-tiny").chroma_guidance
+    assert tiny.chroma_channel == YCBCR_LUMA_CHANNELS == 24  # Y first, then Cb and Cr
+    assert resolved("lcp-tiny", chroma_guidance=1.5).chroma_guidance == 1.5
+    official = resolved("echomimic-v1")  # VAE latents: one scale for every channel
+    assert official.chroma_guidance is None and official.chroma_channel is None
+    with pytest.raises(LcpError, match="YCbCr latents"):
+        resolved("echomimic-v1", chroma_guidance=2.0)
 
 
 def test_overlapping_windows_are_averaged_without_cfg_too():

@@ -268,9 +268,10 @@ def with_sampler(
     steps: int | None,
     guidance: float | None,
     epsilon_scaling: float | None = None,
+    chroma_guidance: float | None = None,
 ) -> EvalConfig:
-    """``config`` with the sampler's steps / guidance / epsilon scaling overridden where
-    given."""
+    """``config`` with the sampler's steps / guidance / epsilon scaling / chroma guidance
+    overridden where given."""
     d = config.denoise
     return replace(
         config,
@@ -279,5 +280,6 @@ def with_sampler(
             steps=steps if steps is not None else d.steps,
             guidance=guidance if guidance is not None else d.guidance,
             epsilon_scaling=epsilon_scaling if epsilon_scaling is not None else d.epsilon_scaling,
+            chroma_guidance=chroma_guidance if chroma_guidance is not None else d.chroma_guidance,
         ),
     )

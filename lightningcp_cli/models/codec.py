@@ -129,6 +129,8 @@ YCBCR_COEFFICIENT_STD = (
     (1.23, 0.17, 0.12, 0.051),
     (1.58, 0.22, 0.17, 0.068),
 )  # fmt: skip
+#: Latent channels of the YCbCr codec that carry luma; the rest (Cb, then Cr) carry colour.
+YCBCR_LUMA_CHANNELS = len(YCBCR_COEFFICIENT_STD[0])
 
 
 @dataclass(frozen=True)

@@ -465,6 +465,8 @@ def denoise(
     (``steps``, ``guidance``, ``context_frames``, ``context_overlap``, ``seed``,
     ``noise_clamp``, ``prediction_type``); ``latent_shape`` is ``(C, h, w)``.
     ``guidance <= 1`` runs one conditional batch row instead of classifier-free guidance.
+    ``chroma_guidance`` (when set) replaces ``guidance`` on channels ``chroma_channel``
+    onwards (the colour of YCbCr latents).
     ``scheduler`` defaults to :func:`make_scheduler`; ``sampler`` (wrapping ``denoiser``)
     to a plain :class:`Sampler`; ``latents`` (the initial noise) to
     :func:`initial_latents` of ``cfg.seed`` (EchoMimic's draw).
@@ -503,7 +505,14 @@ def denoise(
 
     num_frames = audio_tokens.shape[0]
     channels, height, width = latent_shape
-    do_cfg = cfg.guidance > 1.0
+    scale: float | torch.Tensor = cfg.guidance
+    if cfg.chroma_guidance is not None:
+        if cfg.chroma_channel is None or not 0 < cfg.chroma_channel < channels:
+            raise ValueError("denoise: chroma guidance needs the first colour channel")
+        scale = torch.full((channels,), float(cfg.guidance), device=device, dtype=dtype)
+        scale[cfg.chroma_channel :] = cfg.chroma_guidance
+        scale = scale.view(1, channels, 1, 1, 1)
+    do_cfg = max(cfg.guidance, cfg.chroma_guidance or 0.0) > 1.0
     rows = 2 if do_cfg else 1
 
     scheduler.set_timesteps(cfg.steps, device=device)
@@ -567,7 +576,7 @@ def denoise(
         if not do_cfg:
             return pred
         uncond, cond = pred.chunk(2)
-        return uncond + cfg.guidance * (cond - uncond)
+        return uncond + scale * (cond - uncond)
 
     def advance(step_index: int, guided: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         t = timesteps[step_index]
