@@ -244,7 +244,8 @@ MODELS: dict[str, ModelSpec] = {
             # Face mesh finds the open mouth by its colour as much as by its brightness, and
             # the opening's colour change is what guidance 2 leaves too faint on new faces.
             # Chroma guidance 1 / 2 / 3 (luma 2) on 10 held-out clips: lip sync 0.44 / 0.55
-            # / 0.64; checked on 32 clips and 10 portrait pairs not used to pick it (README).
+            # / 0.64; on 32 clips and 10 portrait pairs not used to pick it, 2 -> 3 took
+            # held-out lip sync 0.59 -> 0.63 and raised it on all 10 pairs (README).
             chroma_guidance=3.0,
             # At zero SNR the noisy input shows nothing of the face, and reference
             # attention has no notion of position: the crop's own pixels are the only
