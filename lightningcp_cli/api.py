@@ -29,7 +29,7 @@ from .cache import FeatureCache
 from .config import DenoiseConfig, ProgressFn, RenderConfig
 from .errors import ConfigError, InputNotFoundError, OutputError
 from .models.bundle import TalkingHeadModel, load_model
-from .models.codec import YCBCR_LUMA_CHANNELS, image_to_tensor
+from .models.codec import image_to_tensor
 from .models.registry import MODELS, ModelSpec, get_model_spec
 from .stages.audio import AudioFeatures, load_audio, num_video_frames, prepare_audio
 from .stages.decode import model_frames, output_frame
@@ -120,7 +120,7 @@ def resolve_denoise(cfg: RenderConfig, spec: ModelSpec) -> DenoiseConfig:
     """The sampler settings with the model's defaults filled in."""
     d = cfg.denoise
     chroma = d.chroma_guidance if d.chroma_guidance is not None else spec.chroma_guidance
-    if chroma is not None and spec.codec != "dct-ycbcr":
+    if chroma is not None and spec.chroma_channel is None:
         raise ConfigError(
             f"chroma guidance needs a model with YCbCr latents (lcp-tiny); {spec.name} "
             f"uses the {spec.codec} codec"
@@ -130,7 +130,7 @@ def resolve_denoise(cfg: RenderConfig, spec: ModelSpec) -> DenoiseConfig:
         steps=d.steps if d.steps is not None else spec.steps,
         guidance=d.guidance if d.guidance is not None else spec.guidance,
         chroma_guidance=chroma,
-        chroma_channel=YCBCR_LUMA_CHANNELS if chroma is not None else None,
+        chroma_channel=spec.chroma_channel if chroma is not None else None,
         bank_dtype=d.bank_dtype if d.bank_dtype is not None else spec.bank_dtype,
         prediction_type=d.prediction_type or spec.prediction_type,
         epsilon_scaling=(

@@ -273,7 +273,7 @@ def test_decoded_crops_become_the_portrait(portrait: FaceAnalysis) -> None:
     assert _psnr(frames[0], portrait.image[: h - h % 2, : w - w % 2]) > 38
     small = [output_frame(c, portrait, 0.08, out_height=200) for c in crops]
     assert [f.shape for f in small] == [(200, 202, 3)] * 3
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="512x512x3 uint8 crop"):
         output_frame(crops[0][:256, :256], portrait)
 
 

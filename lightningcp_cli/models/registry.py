@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from .codec import YCBCR_LUMA_CHANNELS
 from .face_locator import FaceLocatorConfig
 from .unet import UNetConfig
 
@@ -80,6 +81,12 @@ class ModelSpec:
     change_blur: float = 0.0
     chroma_guidance: float | None = None
 
+    @property
+    def chroma_channel(self) -> int | None:
+        """First latent channel that carries colour (the YCbCr DCT codec: luma first, then
+        Cb and Cr), or None when the latent has no colour channels of its own."""
+        return YCBCR_LUMA_CHANNELS if self.codec == "dct-ycbcr" else None
+
     def __post_init__(self) -> None:
         u, fl = self.unet, self.face_locator
         if not self.name:
@@ -137,7 +144,7 @@ class ModelSpec:
         if not 0 <= self.epsilon_scaling <= 1:
             raise ValueError(f"{self.name}: epsilon_scaling must be in [0, 1]")
         if self.chroma_guidance is not None and (
-            self.codec != "dct-ycbcr" or self.chroma_guidance < 0
+            self.chroma_channel is None or self.chroma_guidance < 0
         ):
             raise ValueError(f"{self.name}: chroma_guidance needs the dct-ycbcr codec, >= 0")
         if self.change_blur < 0:
