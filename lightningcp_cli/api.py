@@ -296,6 +296,7 @@ def render(
             "random_weights": model.random_weights,
             "fps": fps,
             "num_frames": n,
+            "face_roll": {"degrees": round(face.roll, 2), "levelled": face.level is not None},
             "config": cfg.to_dict(),
             "sampler": asdict(sampler_cfg),  # the config's sampler, model defaults filled in
         },

@@ -39,6 +39,7 @@ from .config import (
     AccelConfig,
     DenoiseConfig,
     DFAConfig,
+    FaceConfig,
     LightningCPConfig,
     OutputConfig,
     RenderConfig,
@@ -265,6 +266,15 @@ BatchLimit = Annotated[
         rich_help_panel=_ACCEL_PANEL,
     ),
 ]
+LevelRoll = Annotated[
+    float,
+    typer.Option(
+        min=0.0,
+        max=180.0,
+        help="Cut a face rolled by more than this many degrees levelled, and turn it back "
+        "in the video (the model saw upright faces); 180 never levels.",
+    ),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
@@ -305,9 +315,11 @@ def _render_config(
     offload: bool = False,
     epsilon_scaling: float | None = None,
     chroma_guidance: float | None = None,
+    face: FaceConfig | None = None,
 ) -> RenderConfig:
     return RenderConfig(
         model=model,
+        face=face or FaceConfig(),
         weights=weights,
         device=device,
         dtype=dtype,
@@ -352,6 +364,7 @@ def render(
     estimate: Estimate = True,
     dfa_dilate: DfaDilate = None,
     batch_limit: BatchLimit = None,
+    level_roll: LevelRoll = FaceConfig.level_roll,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")
     ] = False,
@@ -385,6 +398,7 @@ def render(
             offload,
             eps_scaling,
             chroma_cfg,
+            FaceConfig(level_roll=level_roll),
         )
         with _progress(quiet) as on_progress:
             result = api.render(

@@ -10,7 +10,7 @@ import pytest
 from lightningcp_cli.media import count_frames, probe
 from lightningcp_cli.models.registry import get_model_spec
 
-from .cli_util import FACE, FAST, SPEECH, run_lcp
+from .cli_util import DATA, FACE, FAST, SPEECH, run_lcp
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,21 @@ def test_render_json_and_sidecar(rendered):
         spec.guidance,
         spec.chroma_guidance,
     )
+    assert sidecar["face_roll"]["levelled"] is False  # face_a is upright
+    assert abs(sidecar["face_roll"]["degrees"]) < sidecar["config"]["face"]["level_roll"]
+
+
+def test_a_rolled_face_is_levelled_unless_told_not_to(tmp_path):
+    """face_d is rolled ~8 degrees: cut levelled by default; --level-roll 180 keeps it."""
+    rolls = {}
+    for name, extra in (("default", []), ("as_is", ["--level-roll", "180"])):
+        out = tmp_path / f"{name}.mp4"
+        proc = run_lcp("render", DATA / "face_d.png", SPEECH, "-o", out, *FAST, *extra,
+                       cache_dir=tmp_path)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        rolls[name] = json.loads(out.with_name(f"{name}.mp4.json").read_text())["face_roll"]
+    assert rolls["default"]["levelled"] is True and rolls["as_is"]["levelled"] is False
+    assert 6 < rolls["default"]["degrees"] == rolls["as_is"]["degrees"] < 11
 
 
 def test_second_render_hits_the_reference_cache(rendered):

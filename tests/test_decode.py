@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -41,9 +42,20 @@ def _smooth_image(h: int, w: int) -> np.ndarray:
     return (rgb * 255).round().astype(np.uint8)
 
 
+def _face_d(cfg: FaceConfig) -> FaceAnalysis:
+    return analyze_face(load_image(DATA / "face_d.png"), cfg, 512, source="face_d.png")
+
+
 @pytest.fixture(scope="module")
 def portrait() -> FaceAnalysis:
-    return analyze_face(load_image(DATA / "face_d.png"), FaceConfig(), 512, source="face_d.png")
+    """face_d cut as it is (an axis-aligned crop box), though it is rolled ~8 degrees."""
+    return _face_d(FaceConfig(level_roll=180.0))
+
+
+@pytest.fixture(scope="module")
+def levelled() -> FaceAnalysis:
+    """face_d cut levelled (the default)."""
+    return _face_d(FaceConfig())
 
 
 class CountingCodec(PixelCodec):
@@ -146,11 +158,35 @@ def test_feather_mask_properties() -> None:
         feather_mask(10, 0.5)
 
 
-def test_paste_back_identity_reproduces_the_portrait(portrait: FaceAnalysis) -> None:
-    out = paste_back(np.array(portrait.crop), portrait, 0.08)
-    assert out.shape == portrait.image.shape and out.dtype == np.uint8
-    assert _psnr(out, portrait.image) > 38
-    assert np.abs(out.astype(int) - portrait.image).mean() < 1.0
+@pytest.mark.parametrize("name", ["portrait", "levelled"])
+def test_paste_back_identity_reproduces_the_portrait(name: str, request) -> None:
+    a: FaceAnalysis = request.getfixturevalue(name)
+    assert (a.level is not None) == (name == "levelled")
+    out = paste_back(np.array(a.crop), a, 0.08)
+    assert out.shape == a.image.shape and out.dtype == np.uint8
+    assert _psnr(out, a.image) > 38
+    assert np.abs(out.astype(int) - a.image).mean() < 1.0
+
+
+def test_paste_back_turns_a_levelled_crop_back(levelled: FaceAnalysis) -> None:
+    """A line level in the crop lands along the face's roll (the eye line), and the
+    portrait outside the turned crop square is untouched."""
+    a, res = levelled, levelled.resolution
+    white = np.full_like(a.crop, 255)
+    band = white.copy()
+    band[res // 2 - 2 : res // 2 + 2] = 0  # a level black band across the middle
+    out = paste_back(band, a, 0.08).astype(int)
+    ys, xs = np.nonzero((paste_back(white, a, 0.08) - out).sum(-1) > 300)
+    assert len(xs) > res  # the band is there
+    slope = np.polyfit(xs, ys, 1)[0]
+    assert abs(np.degrees(np.arctan(slope)) - a.roll) < 0.5
+    # pixels farther from the crop centre than its half diagonal stay the portrait's
+    x0, y0, x1, y1 = a.crop_box
+    centre = cv2.invertAffineTransform(a.level) @ [(x0 + x1) / 2, (y0 + y1) / 2, 1]
+    yy, xx = np.mgrid[0 : out.shape[0], 0 : out.shape[1]] + 0.5
+    far = np.hypot(xx - centre[0], yy - centre[1]) > (x1 - x0) / np.sqrt(2) + 2
+    assert far.any()
+    np.testing.assert_array_equal(out[far], a.image[far])
 
 
 def test_paste_back_blends_only_inside_the_crop_box(portrait: FaceAnalysis) -> None:

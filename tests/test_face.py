@@ -11,12 +11,14 @@ import pytest
 from PIL import Image
 
 from lightningcp_cli.config import FaceConfig
-from lightningcp_cli.errors import ImageError, InputNotFoundError, NoFaceError
+from lightningcp_cli.errors import ConfigError, ImageError, InputNotFoundError, NoFaceError
 from lightningcp_cli.stages.face import (
+    EYE_CORNERS,
     NUM_LANDMARKS,
     FaceAnalysis,
     analyze_face,
     build_analysis,
+    face_roll,
     load_image,
 )
 
@@ -271,6 +273,57 @@ def test_latent_mask(face_d: FaceAnalysis) -> None:
         face_d.latent_mask("face", 7)
     with pytest.raises(ValueError, match="unknown mask"):
         face_d.latent_mask("hair", 8)
+
+
+# ------------------------------------------------------------------ levelling
+
+
+def _tilt(points: np.ndarray, i: int, j: int) -> float:
+    (x0, y0), (x1, y1) = np.asarray(points, np.float64)[[i, j], :2]
+    return float(np.degrees(np.arctan2(y1 - y0, x1 - x0)))
+
+
+def test_rolled_face_is_cut_levelled(face_d: FaceAnalysis) -> None:
+    # face_d is rolled ~8 degrees (its eye and lip lines); cut levelled by default
+    assert 6 < face_d.roll < 11 and face_d.level is not None
+    assert abs(_tilt(face_d.crop_landmarks, *EYE_CORNERS)) < 0.5
+    assert abs(_tilt(face_d.crop_landmarks, 78, 308)) < 2  # the inner lip corners too
+    assert abs(face_roll(face_d.landmarks)) < 0.5  # landmarks are in the levelled frame
+    # the mouth geometry the locator draws is level as well
+    left_y, right_y = face_d.mouth_geometry()[[1, 3]]
+    assert abs(left_y - right_y) < 0.05 * RES
+    as_is = _analyze("face_d.png", FaceConfig(level_roll=180.0))
+    assert as_is.level is None and as_is.roll == pytest.approx(face_d.roll)
+    assert abs(_tilt(as_is.crop_landmarks, *EYE_CORNERS) - face_d.roll) < 0.5
+
+
+def test_upright_face_is_cut_as_before(face_a: FaceAnalysis) -> None:
+    assert abs(face_a.roll) < CFG.level_roll and face_a.level is None
+    as_is = _analyze("face_a.png", FaceConfig(level_roll=180.0))
+    np.testing.assert_array_equal(face_a.crop, as_is.crop)  # bit for bit
+    always = _analyze("face_a.png", FaceConfig(level_roll=0.0))
+    assert always.level is not None  # 0 levels every face, however slightly rolled
+
+
+@pytest.mark.parametrize("degrees", [-15.0, 12.0])
+def test_turned_portrait_comes_out_upright(face_a: FaceAnalysis, degrees: float) -> None:
+    """face_a turned by a known angle: the roll is measured back and the levelled crop
+    shows the face as upright as the original's."""
+    image = load_image(DATA / "face_a.png")
+    h, w = image.shape[:2]
+    turn = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)  # counter-clockwise
+    turned = cv2.warpAffine(image, turn, (w, h), flags=cv2.INTER_CUBIC,
+                            borderMode=cv2.BORDER_REPLICATE)  # fmt: skip
+    a = analyze_face(turned, CFG, RES)
+    assert a.roll == pytest.approx(face_a.roll - degrees, abs=1.5)
+    assert a.level is not None
+    assert abs(_tilt(a.crop_landmarks, *EYE_CORNERS) - face_a.roll) < 1.0
+
+
+def test_level_roll_is_validated() -> None:
+    for bad in (-1.0, 181.0):
+        with pytest.raises(ConfigError, match="levelling"):
+            FaceConfig(level_roll=bad)
 
 
 def test_box_only_analysis() -> None:

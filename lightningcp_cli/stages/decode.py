@@ -4,7 +4,8 @@ Memory stays bounded for long videos: latents are decoded ``batch`` frames at a 
 each frame is pasted back and handed on before the next is decoded.  Paste-back resizes
 the generated square crop to the crop box and blends it into the portrait with a mask
 that ramps smoothly to 0 at the crop border, so no seam shows; parts of the crop box
-outside the portrait (see :mod:`.face`) are dropped.
+outside the portrait (see :mod:`.face`) are dropped.  A crop cut from a levelled
+portrait (``FaceAnalysis.level``) is turned back by the same warp that sizes it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from ..models.codec import LatentCodec, tensor_to_images
-from .face import FaceAnalysis
+from .face import FaceAnalysis, pixel_affine
 
 if TYPE_CHECKING:
     from ..models.bundle import TalkingHeadModel
@@ -77,6 +78,8 @@ def paste_back(crop_frame: np.ndarray, analysis: FaceAnalysis, feather: float = 
     h, w = image.shape[:2]
     x0, y0, x1, y1 = analysis.crop_box
     side = x1 - x0
+    if analysis.level is not None:
+        return _paste_levelled(crop_frame, analysis, feather)
     if side == res:
         big = crop_frame
     else:
@@ -95,6 +98,24 @@ def paste_back(crop_frame: np.ndarray, analysis: FaceAnalysis, feather: float = 
     blended = src + (gen - src) * m
     out[sl_img] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
     return out
+
+
+def _paste_levelled(crop_frame: np.ndarray, analysis: FaceAnalysis, feather: float) -> np.ndarray:
+    """:func:`paste_back` for a crop cut levelled: one warp takes the crop (and its feather
+    mask) through the crop box and the inverse of ``analysis.level`` into the portrait."""
+    image, res = analysis.image, analysis.resolution
+    h, w = image.shape[:2]
+    x0, y0, x1, _ = analysis.crop_box
+    s = (x1 - x0) / res
+    to_level = np.array([[s, 0.0, x0], [0.0, s, y0], [0.0, 0.0, 1.0]])
+    back = np.vstack([cv2.invertAffineTransform(analysis.level), [0.0, 0.0, 1.0]])
+    m = pixel_affine((back @ to_level)[:2])
+    interp = cv2.INTER_LINEAR if s < 1 else cv2.INTER_CUBIC
+    gen = cv2.warpAffine(crop_frame, m, (w, h), flags=interp, borderMode=cv2.BORDER_REPLICATE)
+    feather_map = np.ascontiguousarray(_cached_feather(res, float(feather))[..., 0])
+    mask = cv2.warpAffine(feather_map, m, (w, h), flags=cv2.INTER_LINEAR)[..., None]
+    blended = image.astype(np.float32) + (gen.astype(np.float32) - image) * mask
+    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
 
 
 def _even_size(height: int, width: int, out_height: int | None) -> tuple[int, int]:

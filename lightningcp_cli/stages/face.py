@@ -6,6 +6,8 @@ centre to give the crop box; the face-locator mask is the face box grown by
 ``FaceConfig.mask_dilation`` per side.  Unlike EchoMimic, the crop box is never clipped
 to the image: where it reaches past an edge the crop is padded by edge replication, so
 the face stays centred and paste-back (:mod:`.decode`) is an exact inverse mapping.
+A face rolled by more than ``FaceConfig.level_roll`` degrees is cut levelled (the
+portrait turned about the face box's centre) and turned back when pasted.
 
 Boxes are ``(x0, y0, x1, y1)`` integer pixel edges, ``x1``/``y1`` exclusive.  Points
 (landmarks) are continuous pixel coordinates: pixel ``i`` covers ``[i, i + 1)``.
@@ -156,6 +158,7 @@ class FaceAnalysis:
 
     ``landmarks`` and ``crop_landmarks`` are ``None`` when the face mesh found nothing
     although the detector found a face (box-only mode, see :func:`analyze_face`).
+    ``image`` is always the portrait as given; paste-back turns a levelled crop back.
     """
 
     image: np.ndarray  # HxWx3 uint8: the full upright RGB portrait
@@ -168,6 +171,12 @@ class FaceAnalysis:
     landmarks: np.ndarray | None  # 478 x 3 float32: x, y image pixels; z = mediapipe z * width
     crop_landmarks: np.ndarray | None  # 478 x 2 float32, crop pixels
     num_faces: int  # faces the detector found
+    # How far the face is rolled (degrees, the outer eye corners' line; 0 without
+    # landmarks), and, when that exceeds ``FaceConfig.level_roll``, the 2x3 rotation
+    # taking portrait points to the levelled frame in which ``face_box``, ``crop_box`` and
+    # ``landmarks`` are given (the crop is cut from the portrait turned by it); else None.
+    roll: float = 0.0
+    level: np.ndarray | None = None
 
     @property
     def resolution(self) -> int:
@@ -306,6 +315,30 @@ def _ellipse_mask(box: Box, crop_box: Box, resolution: int) -> np.ndarray:
     return (d <= 1.0).astype(np.float32)
 
 
+#: mediapipe face-mesh indices of the outer eye corners (the subject's right, then left).
+EYE_CORNERS = (33, 263)
+
+
+def face_roll(landmarks: np.ndarray) -> float:
+    """Degrees the face is rolled: the angle of the line through the outer eye corners
+    (positive: the subject's left eye, on the image's right, is lower)."""
+    (x0, y0), (x1, y1) = np.asarray(landmarks, np.float64)[list(EYE_CORNERS), :2]
+    return math.degrees(math.atan2(y1 - y0, x1 - x0))
+
+
+def level_rotation(roll: float, centre: tuple[float, float]) -> np.ndarray:
+    """2x3 affine of points (continuous pixel coordinates) turning the image by ``roll``
+    degrees about ``centre``, so a face rolled by ``roll`` comes out level."""
+    return cv2.getRotationMatrix2D(centre, roll, 1.0)
+
+
+def pixel_affine(m: np.ndarray) -> np.ndarray:
+    """The affine ``m`` of continuous points (pixel ``i`` covers ``[i, i + 1)``) as
+    OpenCV's warps read it, on pixel indices (pixel ``i``'s centre is ``i``)."""
+    m = np.asarray(m, np.float64)
+    return np.concatenate([m[:, :2], m[:, 2:] + 0.5 * m[:, :2].sum(1, keepdims=True) - 0.5], 1)
+
+
 @cache
 def lip_indices() -> np.ndarray:
     from mediapipe.python.solutions.face_mesh_connections import FACEMESH_LIPS
@@ -327,7 +360,9 @@ def build_analysis(
 
     Without landmarks, the mouth mask is a box of typical size centred on ``mouth_center``
     (or at 78% of the face box's height) and the foreground mask is the ellipse inscribed
-    in the face box.
+    in the face box.  With landmarks, a face rolled by more than ``cfg.level_roll``
+    degrees is levelled: the crop is cut from the portrait turned about the face box's
+    centre, and the landmarks are turned with it (``FaceAnalysis.level``).
     """
     _check_image(image)
     if resolution < 8:
@@ -338,14 +373,27 @@ def build_analysis(
         raise ValueError(f"face box {face_box} is empty or outside the {w}x{h} image")
     face_box = (fx0, fy0, fx1, fy1)
     crop_box = square_crop_box(face_box, cfg.crop_dilation)
-    crop = crop_square(image, crop_box, resolution)
-    face_mask = _rect_mask(grow_box(face_box, cfg.mask_dilation), crop_box, resolution)
-
-    crop_lm = None
+    roll, level, source = 0.0, None, image
     if landmarks is not None:
         landmarks = np.asarray(landmarks, dtype=np.float32)
         if landmarks.shape != (NUM_LANDMARKS, 3):
             raise ValueError(f"expected {NUM_LANDMARKS}x3 landmarks, got {landmarks.shape}")
+        roll = face_roll(landmarks)
+        if abs(roll) > cfg.level_roll:
+            # Turn the portrait about the face box's centre: the upright face then fits
+            # the same box, and the crop is cut from the turned portrait.
+            level = level_rotation(roll, ((fx0 + fx1) / 2, (fy0 + fy1) / 2))
+            source = cv2.warpAffine(
+                image, pixel_affine(level), (w, h),
+                flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE,
+            )  # fmt: skip
+            points = landmarks[:, :2].astype(np.float64) @ level[:, :2].T + level[:, 2]
+            landmarks = np.concatenate([points, landmarks[:, 2:]], 1).astype(np.float32)
+    crop = crop_square(source, crop_box, resolution)
+    face_mask = _rect_mask(grow_box(face_box, cfg.mask_dilation), crop_box, resolution)
+
+    crop_lm = None
+    if landmarks is not None:
         crop_lm = _to_crop(landmarks[:, :2].astype(np.float64), crop_box, resolution)
         lips = landmarks[lip_indices(), :2]
         lip_box = (*lips.min(axis=0), *lips.max(axis=0))
@@ -373,6 +421,8 @@ def build_analysis(
         landmarks=None if landmarks is None else _frozen(landmarks),
         crop_landmarks=None if crop_lm is None else _frozen(crop_lm),
         num_faces=int(num_faces),
+        roll=float(roll),
+        level=None if level is None else _frozen(level),
     )
 
 

@@ -256,7 +256,8 @@ def analyze_portrait(
     from ..errors import NoFaceError
     from ..stages.face import analyze_face, crop_square
 
-    fa = analyze_face(image, FaceConfig(), 128, source=name)
+    # Not levelled: the rig is built on the portrait as it is (rolls are augmented).
+    fa = analyze_face(image, FaceConfig(level_roll=180.0), 128, source=name)
     if fa.landmarks is None:
         raise NoFaceError(f"{name}: the face mesh found no landmarks")
     box = _context_box(fa.crop_box)
