@@ -226,6 +226,11 @@ def test_paste_back_with_crop_box_past_the_image_edges() -> None:
     assert bx0 < 0 and by0 < 0 and bx1 > w and by1 > h
     out = paste_back(np.array(real.crop), real, 0.08)
     assert out.shape == real.image.shape and _psnr(out, real.image) > 28
+    # the same, cut levelled (face_d is rolled): the turned crop covers the whole portrait
+    turned = _face_d(FaceConfig(crop_dilation=2.0))
+    assert turned.level is not None
+    out = paste_back(np.array(turned.crop), turned, 0.08)
+    assert out.shape == turned.image.shape and _psnr(out, turned.image) > 28
 
 
 def test_paste_back_rejects_wrong_crop(portrait: FaceAnalysis) -> None:

@@ -109,13 +109,24 @@ def _paste_levelled(crop_frame: np.ndarray, analysis: FaceAnalysis, feather: flo
     s = (x1 - x0) / res
     to_level = np.array([[s, 0.0, x0], [0.0, s, y0], [0.0, 0.0, 1.0]])
     back = np.vstack([cv2.invertAffineTransform(analysis.level), [0.0, 0.0, 1.0]])
-    m = pixel_affine((back @ to_level)[:2])
+    to_portrait = (back @ to_level)[:2]
+    # Only the portrait pixels the turned crop covers are warped and blended.
+    corners = np.array([[0, 0, 1], [res, 0, 1], [0, res, 1], [res, res, 1]]) @ to_portrait.T
+    bx0, by0 = np.maximum(np.floor(corners.min(0)).astype(int), 0)
+    bx1, by1 = np.minimum(np.ceil(corners.max(0)).astype(int), (w, h))
+    out = image.copy()
+    if bx0 >= bx1 or by0 >= by1:
+        return out
+    m = pixel_affine(to_portrait - [[0, 0, bx0], [0, 0, by0]])
+    size = (int(bx1 - bx0), int(by1 - by0))
     interp = cv2.INTER_LINEAR if s < 1 else cv2.INTER_CUBIC
-    gen = cv2.warpAffine(crop_frame, m, (w, h), flags=interp, borderMode=cv2.BORDER_REPLICATE)
+    gen = cv2.warpAffine(crop_frame, m, size, flags=interp, borderMode=cv2.BORDER_REPLICATE)
     feather_map = np.ascontiguousarray(_cached_feather(res, float(feather))[..., 0])
-    mask = cv2.warpAffine(feather_map, m, (w, h), flags=cv2.INTER_LINEAR)[..., None]
-    blended = image.astype(np.float32) + (gen.astype(np.float32) - image) * mask
-    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    mask = cv2.warpAffine(feather_map, m, size, flags=cv2.INTER_LINEAR)[..., None]
+    src = image[by0:by1, bx0:bx1].astype(np.float32)
+    blended = src + (gen.astype(np.float32) - src) * mask
+    out[by0:by1, bx0:bx1] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    return out
 
 
 def _even_size(height: int, width: int, out_height: int | None) -> tuple[int, int]:
