@@ -74,12 +74,12 @@ def paste_back(crop_frame: np.ndarray, analysis: FaceAnalysis, feather: float = 
         raise ValueError(
             f"expected a {res}x{res}x3 uint8 crop frame, got {crop_frame.dtype} {crop_frame.shape}"
         )
+    if analysis.level is not None:
+        return _paste_levelled(crop_frame, analysis, feather)
     image = analysis.image
     h, w = image.shape[:2]
     x0, y0, x1, y1 = analysis.crop_box
     side = x1 - x0
-    if analysis.level is not None:
-        return _paste_levelled(crop_frame, analysis, feather)
     if side == res:
         big = crop_frame
     else:
@@ -100,32 +100,48 @@ def paste_back(crop_frame: np.ndarray, analysis: FaceAnalysis, feather: float = 
     return out
 
 
-def _paste_levelled(crop_frame: np.ndarray, analysis: FaceAnalysis, feather: float) -> np.ndarray:
-    """:func:`paste_back` for a crop cut levelled: one warp takes the crop (and its feather
-    mask) through the crop box and the inverse of ``analysis.level`` into the portrait."""
-    image, res = analysis.image, analysis.resolution
-    h, w = image.shape[:2]
+@lru_cache(maxsize=2)  # holds the analyses (and their portraits) alive: keep it small
+def _levelled_warp(
+    analysis: FaceAnalysis, feather: float
+) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray] | None:
+    """Where a levelled crop lands in the portrait, the same for every frame of a video:
+    the covered region (``None`` if none), the crop-to-region warp (OpenCV's pixel
+    convention) and the feather mask warped there."""
+    res = analysis.resolution
+    h, w = analysis.image.shape[:2]
     x0, y0, x1, _ = analysis.crop_box
     s = (x1 - x0) / res
     to_level = np.array([[s, 0.0, x0], [0.0, s, y0], [0.0, 0.0, 1.0]])
     back = np.vstack([cv2.invertAffineTransform(analysis.level), [0.0, 0.0, 1.0]])
     to_portrait = (back @ to_level)[:2]
-    # Only the portrait pixels the turned crop covers are warped and blended.
     corners = np.array([[0, 0, 1], [res, 0, 1], [0, res, 1], [res, res, 1]]) @ to_portrait.T
     bx0, by0 = np.maximum(np.floor(corners.min(0)).astype(int), 0)
     bx1, by1 = np.minimum(np.ceil(corners.max(0)).astype(int), (w, h))
-    out = image.copy()
     if bx0 >= bx1 or by0 >= by1:
-        return out
+        return None
     m = pixel_affine(to_portrait - [[0, 0, bx0], [0, 0, by0]])
+    feather_map = np.ascontiguousarray(_cached_feather(res, feather)[..., 0])
     size = (int(bx1 - bx0), int(by1 - by0))
-    interp = cv2.INTER_LINEAR if s < 1 else cv2.INTER_CUBIC
-    gen = cv2.warpAffine(crop_frame, m, size, flags=interp, borderMode=cv2.BORDER_REPLICATE)
-    feather_map = np.ascontiguousarray(_cached_feather(res, float(feather))[..., 0])
     mask = cv2.warpAffine(feather_map, m, size, flags=cv2.INTER_LINEAR)[..., None]
-    src = image[by0:by1, bx0:bx1].astype(np.float32)
+    mask.setflags(write=False)
+    return (slice(by0, by1), slice(bx0, bx1)), m, mask
+
+
+def _paste_levelled(crop_frame: np.ndarray, analysis: FaceAnalysis, feather: float) -> np.ndarray:
+    """:func:`paste_back` for a crop cut levelled: one warp takes the crop through the crop
+    box and the inverse of ``analysis.level`` into the portrait, over the pixels it covers."""
+    out = analysis.image.copy()
+    warp = _levelled_warp(analysis, float(feather))
+    if warp is None:
+        return out
+    region, m, mask = warp
+    size = (mask.shape[1], mask.shape[0])
+    enlarging = analysis.crop_box[2] - analysis.crop_box[0] >= analysis.resolution
+    interp = cv2.INTER_CUBIC if enlarging else cv2.INTER_LINEAR
+    gen = cv2.warpAffine(crop_frame, m, size, flags=interp, borderMode=cv2.BORDER_REPLICATE)
+    src = out[region].astype(np.float32)
     blended = src + (gen.astype(np.float32) - src) * mask
-    out[by0:by1, bx0:bx1] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    out[region] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
     return out
 
 

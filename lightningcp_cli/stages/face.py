@@ -326,12 +326,6 @@ def face_roll(landmarks: np.ndarray) -> float:
     return math.degrees(math.atan2(y1 - y0, x1 - x0))
 
 
-def level_rotation(roll: float, centre: tuple[float, float]) -> np.ndarray:
-    """2x3 affine of points (continuous pixel coordinates) turning the image by ``roll``
-    degrees about ``centre``, so a face rolled by ``roll`` comes out level."""
-    return cv2.getRotationMatrix2D(centre, roll, 1.0)
-
-
 def pixel_affine(m: np.ndarray) -> np.ndarray:
     """The affine ``m`` of continuous points (pixel ``i`` covers ``[i, i + 1)``) as
     OpenCV's warps read it, on pixel indices (pixel ``i``'s centre is ``i``)."""
@@ -380,9 +374,10 @@ def build_analysis(
             raise ValueError(f"expected {NUM_LANDMARKS}x3 landmarks, got {landmarks.shape}")
         roll = face_roll(landmarks)
         if abs(roll) > cfg.level_roll:
-            # Turn the portrait about the face box's centre: the upright face then fits
-            # the same box, and the crop is cut from the turned portrait.
-            level = level_rotation(roll, ((fx0 + fx1) / 2, (fy0 + fy1) / 2))
+            # Turn the portrait by the roll (counter-clockwise for a positive one) about
+            # the face box's centre: the upright face then fits the same box, and the crop
+            # is cut from the turned portrait.  The matrix maps continuous points.
+            level = cv2.getRotationMatrix2D(((fx0 + fx1) / 2, (fy0 + fy1) / 2), roll, 1.0)
             source = cv2.warpAffine(
                 image, pixel_affine(level), (w, h),
                 flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE,
