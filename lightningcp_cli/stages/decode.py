@@ -103,10 +103,11 @@ def paste_back(crop_frame: np.ndarray, analysis: FaceAnalysis, feather: float = 
 @lru_cache(maxsize=2)  # holds the analyses (and their portraits) alive: keep it small
 def _levelled_warp(
     analysis: FaceAnalysis, feather: float
-) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray] | None:
+) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray]:
     """Where a levelled crop lands in the portrait, the same for every frame of a video:
-    the covered region (``None`` if none), the crop-to-region warp (OpenCV's pixel
-    convention) and the feather mask warped there."""
+    the covered region (never empty: the crop turns about the face box's centre, which
+    lies in the portrait), the crop-to-region warp (OpenCV's pixel convention) and the
+    feather mask warped there."""
     res = analysis.resolution
     h, w = analysis.image.shape[:2]
     x0, y0, x1, _ = analysis.crop_box
@@ -117,8 +118,6 @@ def _levelled_warp(
     corners = np.array([[0, 0, 1], [res, 0, 1], [0, res, 1], [res, res, 1]]) @ to_portrait.T
     bx0, by0 = np.maximum(np.floor(corners.min(0)).astype(int), 0)
     bx1, by1 = np.minimum(np.ceil(corners.max(0)).astype(int), (w, h))
-    if bx0 >= bx1 or by0 >= by1:
-        return None
     m = pixel_affine(to_portrait - [[0, 0, bx0], [0, 0, by0]])
     feather_map = np.ascontiguousarray(_cached_feather(res, feather)[..., 0])
     size = (int(bx1 - bx0), int(by1 - by0))
@@ -130,11 +129,8 @@ def _levelled_warp(
 def _paste_levelled(crop_frame: np.ndarray, analysis: FaceAnalysis, feather: float) -> np.ndarray:
     """:func:`paste_back` for a crop cut levelled: one warp takes the crop through the crop
     box and the inverse of ``analysis.level`` into the portrait, over the pixels it covers."""
+    region, m, mask = _levelled_warp(analysis, float(feather))
     out = analysis.image.copy()
-    warp = _levelled_warp(analysis, float(feather))
-    if warp is None:
-        return out
-    region, m, mask = warp
     size = (mask.shape[1], mask.shape[0])
     enlarging = analysis.crop_box[2] - analysis.crop_box[0] >= analysis.resolution
     interp = cv2.INTER_CUBIC if enlarging else cv2.INTER_LINEAR
